@@ -1,0 +1,318 @@
+// Dequant-matmul throughput for every format, instruction set and direction on the shapes of
+// SmolLM2-135M and Llama-7B. The same binary measures the references: fp32 GEMM on a dense
+// matrix of the same shape with Eigen and with OpenBLAS (cblas_sgemm), and a memory read
+// bandwidth probe. All of them run on qlora::num_threads() threads (OMP_NUM_THREADS).
+//
+// Names: dequant_matmul[_backward]/<format>/<isa>/M=..,N=..,K=.., sgemm_eigen/M=..,N=..,K=..,
+// sgemm_openblas/..., read_bandwidth/MiB=... Counters: GFLOP/s (2 M N K per call) and, for the
+// quantized kernels, weight_GB/s (codes, scales and mins read per call).
+#include <benchmark/benchmark.h>
+#include <cblas.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <Eigen/Core>
+#include <fmt/format.h>
+#include <omp.h>
+
+#include "qlora/core/cpu.hpp"
+#include "qlora/core/matrix.hpp"
+#include "qlora/core/threads.hpp"
+#include "qlora/kernels/matmul.hpp"
+#include "qlora/kernels/ref/dequant_matmul.hpp"
+#include "qlora/quant/tables.hpp"
+
+extern "C" void openblas_set_num_threads(int n_threads);
+
+namespace {
+
+using qlora::Isa;
+using qlora::QuantFormat;
+using qlora::QuantizedMatrix;
+
+struct Format {
+  QuantFormat format;
+  bool symmetric;
+  bool double_quant;
+  const char* name;
+};
+
+constexpr Format kFormats[] = {
+    {QuantFormat::nf4, false, false, "nf4"},   {QuantFormat::nf4, false, true, "nf4_dq"},
+    {QuantFormat::int4, false, false, "int4"}, {QuantFormat::int4, true, false, "int4_sym"},
+    {QuantFormat::int8, false, false, "int8"}, {QuantFormat::int8, true, false, "int8_sym"},
+};
+
+constexpr int kBlockSize = 64;
+
+struct Shape {
+  std::int64_t N;
+  std::int64_t K;
+};
+
+// SmolLM2-135M and Llama-7B projections, [out, in].
+constexpr Shape kShapes[] = {{576, 576},   {1536, 576},   {576, 1536},   {49152, 576},
+                             {4096, 4096}, {11008, 4096}, {4096, 11008}};
+// For M = 1 only: 4-bit weights of 128 MiB, several times a 32 MiB last-level cache.
+constexpr Shape kLargeShape = {65536, 4096};
+constexpr std::int64_t kBatchSizes[] = {1, 16, 128, 512};
+
+/// Random codes, scales and mins of the right sizes; the values do not change the timing.
+QuantizedMatrix random_weight(const Format& format, std::int64_t N, std::int64_t K) {
+  std::mt19937 rng(1234);
+  QuantizedMatrix w;
+  w.format = format.format;
+  w.rows = N;
+  w.cols = K;
+  w.block_size = kBlockSize;
+  w.symmetric = format.symmetric;
+  w.double_quant = format.double_quant;
+
+  const bool four_bit = format.format != QuantFormat::int8;
+  w.codes.resize(static_cast<std::size_t>(four_bit ? N * K / 2 : N * K));
+  for (auto& byte : w.codes) byte = static_cast<std::uint8_t>(rng());
+  if (format.format == QuantFormat::int4 && format.symmetric) {
+    for (auto& byte : w.codes) byte = static_cast<std::uint8_t>(byte | 0x11);
+  }
+  if (format.format == QuantFormat::int8 && format.symmetric) {
+    for (auto& byte : w.codes) byte = byte == 0x80 ? 0x81 : byte;
+  }
+
+  const auto n_blocks = static_cast<std::size_t>(w.n_blocks());
+  std::uniform_real_distribution<float> dist(0.5f, 1.5f);
+  if (format.double_quant) {
+    w.absmax_codes.resize(n_blocks);
+    for (auto& code : w.absmax_codes) code = static_cast<std::uint8_t>(rng());
+    w.nested_absmax.assign((n_blocks + 255) / 256, 0.02f);
+    w.nested_offset = 0.03f;
+  } else {
+    w.scales.resize(n_blocks);
+    for (auto& v : w.scales) v = 0.01f * dist(rng);
+  }
+  if (format.format != QuantFormat::nf4 && !format.symmetric) w.mins.assign(n_blocks, -0.05f);
+  return w;
+}
+
+/// Bytes of quantized weight data one call reads (codes, scales or absmax codes, mins).
+double weight_bytes(const QuantizedMatrix& w) {
+  double bytes = static_cast<double>(w.codes.size());
+  bytes += static_cast<double>(w.scales.size() * sizeof(float) + w.mins.size() * sizeof(float));
+  bytes += static_cast<double>(w.absmax_codes.size() + w.nested_absmax.size() * sizeof(float));
+  return bytes;
+}
+
+const QuantizedMatrix& cached_weight(const Format& format, Shape shape) {
+  static std::map<std::tuple<std::string, std::int64_t, std::int64_t>,
+                  std::unique_ptr<QuantizedMatrix>>
+      cache;
+  auto& slot = cache[{format.name, shape.N, shape.K}];
+  if (!slot) slot = std::make_unique<QuantizedMatrix>(random_weight(format, shape.N, shape.K));
+  return *slot;
+}
+
+std::vector<float> random_floats(std::int64_t n) {
+  std::mt19937 rng(99);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+/// Returns w[n, k] dequantized by the reference decoder.
+float weight_at(const QuantizedMatrix& w, const std::vector<float>& scales, std::int64_t n,
+                std::int64_t k) {
+  using qlora::kernels::KernelFormat;
+  qlora::kernels::WeightView view{w.codes.data(), scales.data(),
+                                  w.mins.empty() ? nullptr : w.mins.data(), w.rows, w.cols,
+                                  w.block_size};
+  switch (w.format) {
+    case QuantFormat::nf4:
+      return qlora::kernels::ref::dequant_element<KernelFormat::nf4>(view, n, k);
+    case QuantFormat::int4:
+      return w.symmetric ? qlora::kernels::ref::dequant_element<KernelFormat::int4_sym>(view, n, k)
+                         : qlora::kernels::ref::dequant_element<KernelFormat::int4>(view, n, k);
+    case QuantFormat::int8:
+      return w.symmetric ? qlora::kernels::ref::dequant_element<KernelFormat::int8_sym>(view, n, k)
+                         : qlora::kernels::ref::dequant_element<KernelFormat::int8>(view, n, k);
+  }
+  return 0.0f;
+}
+
+/**
+ * Checks a few outputs of c against double-precision sums over the reference decoder, relative
+ * to sum |a * w|; returns false and reports the first mismatch.
+ */
+bool spot_check(const QuantizedMatrix& w, bool backward, const std::vector<float>& a,
+                std::int64_t M, const std::vector<float>& c) {
+  std::vector<float> scales = w.scales;
+  if (w.double_quant) {
+    scales.resize(w.absmax_codes.size());
+    for (std::size_t b = 0; b < scales.size(); ++b) {
+      scales[b] = qlora::kDynamicMap[w.absmax_codes[b]] * w.nested_absmax[b / 256] + w.nested_offset;
+    }
+  }
+  const std::int64_t out_cols = backward ? w.cols : w.rows;
+  const std::int64_t red = backward ? w.rows : w.cols;
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 8; ++trial) {
+    const std::int64_t m = static_cast<std::int64_t>(rng() % static_cast<std::uint32_t>(M));
+    const std::int64_t j = static_cast<std::int64_t>(rng() % static_cast<std::uint32_t>(out_cols));
+    double sum = 0.0;
+    double mag = 1e-30;
+    for (std::int64_t r = 0; r < red; ++r) {
+      const double term = static_cast<double>(a[static_cast<std::size_t>(m * red + r)]) *
+                          (backward ? weight_at(w, scales, r, j) : weight_at(w, scales, j, r));
+      sum += term;
+      mag += std::abs(term);
+    }
+    const double got = c[static_cast<std::size_t>(m * out_cols + j)];
+    if (std::abs(got - sum) > 1e-4 * mag) {
+      std::fprintf(stderr, "mismatch at [%ld, %ld]: got %g, expected %g\n", static_cast<long>(m),
+                   static_cast<long>(j), got, sum);
+      return false;
+    }
+  }
+  return true;
+}
+
+void set_counters(benchmark::State& state, double flops, double bytes) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  if (bytes > 0) {
+    state.counters["weight_GB/s"] =
+        benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  }
+}
+
+void bench_dequant_matmul(benchmark::State& state, const Format& format, Isa isa, Shape shape,
+                          std::int64_t M, bool backward) {
+  const QuantizedMatrix& w = cached_weight(format, shape);
+  const std::int64_t in_cols = backward ? shape.N : shape.K;
+  const std::int64_t out_cols = backward ? shape.K : shape.N;
+  const std::vector<float> a = random_floats(M * in_cols);
+  std::vector<float> c(static_cast<std::size_t>(M * out_cols));
+  const auto call = [&] {
+    if (backward) {
+      qlora::detail::dequant_matmul_backward(isa, a.data(), M, w, c.data(), false);
+    } else {
+      qlora::detail::dequant_matmul(isa, a.data(), M, w, c.data(), false);
+    }
+  };
+  call();
+  if (!spot_check(w, backward, a, M, c)) {
+    state.SkipWithError("result differs from the reference decoder");
+    return;
+  }
+  for (auto _ : state) {
+    call();
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2.0 * static_cast<double>(M * shape.N * shape.K), weight_bytes(w));
+}
+
+void bench_sgemm(benchmark::State& state, bool openblas, Shape shape, std::int64_t M) {
+  // y[M, N] = x[M, K] * W[N, K]^T with a dense fp32 W, the product the kernels replace.
+  const std::vector<float> w = random_floats(shape.N * shape.K);
+  const std::vector<float> x = random_floats(M * shape.K);
+  std::vector<float> y(static_cast<std::size_t>(M * shape.N));
+  const int n_threads = qlora::num_threads();
+  Eigen::setNbThreads(n_threads);
+  openblas_set_num_threads(n_threads);
+  const qlora::ConstMapRowMatrixF w_map(w.data(), shape.N, shape.K);
+  const qlora::ConstMapRowMatrixF x_map(x.data(), M, shape.K);
+  qlora::MapRowMatrixF y_map(y.data(), M, shape.N);
+  for (auto _ : state) {
+    if (openblas) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
+                  static_cast<int>(shape.N), static_cast<int>(shape.K), 1.0f, x.data(),
+                  static_cast<int>(shape.K), w.data(), static_cast<int>(shape.K), 0.0f, y.data(),
+                  static_cast<int>(shape.N));
+    } else {
+      y_map.noalias() = x_map * w_map.transpose();
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2.0 * static_cast<double>(M * shape.N * shape.K), 0.0);
+}
+
+void bench_read_bandwidth(benchmark::State& state, std::int64_t mib) {
+  // Sums 64-bit words with four independent chains per thread, split over the threads.
+  const std::size_t n_words = static_cast<std::size_t>(mib) * (1u << 20) / sizeof(std::uint64_t);
+  std::vector<std::uint64_t> data(n_words, 1);
+  const int n_threads = qlora::num_threads();
+  for (auto _ : state) {
+    std::uint64_t total = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(+ : total)
+    for (std::size_t i = 0; i < n_words; i += 4) {
+      total += data[i] + data[i + 1] + data[i + 2] + data[i + 3];
+    }
+    benchmark::DoNotOptimize(total);
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n_words * sizeof(std::uint64_t)) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+std::string shape_name(std::int64_t M, Shape shape) {
+  return fmt::format("M={},N={},K={}", M, shape.N, shape.K);
+}
+
+void register_all() {
+  benchmark::RegisterBenchmark("read_bandwidth/MiB=1024", bench_read_bandwidth, 1024)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+
+  std::vector<std::pair<std::int64_t, Shape>> cases;
+  for (const Shape& shape : kShapes) {
+    for (const std::int64_t M : kBatchSizes) cases.emplace_back(M, shape);
+  }
+  cases.emplace_back(1, kLargeShape);
+
+  for (const auto& [M, shape] : cases) {
+    if (shape.N != kLargeShape.N) {
+      for (const bool openblas : {false, true}) {
+        const std::string name =
+            fmt::format("{}/{}", openblas ? "sgemm_openblas" : "sgemm_eigen", shape_name(M, shape));
+        benchmark::RegisterBenchmark(name.c_str(), bench_sgemm, openblas, shape, M)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+      }
+    }
+    for (const bool backward : {false, true}) {
+      for (const Format& format : kFormats) {
+        for (const Isa isa : qlora::available_isas()) {
+          // The scalar reference sums in double and is far too slow for large batches.
+          if (isa == Isa::scalar && M > 16) continue;
+          const std::string name = fmt::format(
+              "{}/{}/{}/{}", backward ? "dequant_matmul_backward" : "dequant_matmul", format.name,
+              qlora::to_string(isa), shape_name(M, shape));
+          benchmark::RegisterBenchmark(name.c_str(), bench_dequant_matmul, format, isa, shape, M,
+                                       backward)
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("qlora_threads", std::to_string(qlora::num_threads()));
+  benchmark::AddCustomContext("cpu_features", qlora::to_string(qlora::cpu_features()));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,127 @@
+// The qlora command-line tool's subcommands. Each run_* function performs one subcommand and
+// throws qlora::Error with a one-line message on bad input; main() prints it.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qlora/lora/lora_config.hpp"
+#include "qlora/lora/peft_io.hpp"
+#include "qlora/model/load.hpp"
+#include "qlora/quant/quantize.hpp"
+#include "qlora/train/optimizer.hpp"
+
+namespace qlora::cli {
+
+/// How the base projections are quantized (--quant, --group-size, --double-quant,
+/// --symmetric).
+struct QuantOptions {
+  std::string format = "nf4";
+  int group_size = 64;
+  bool double_quant = false;
+  bool symmetric = false;
+
+  QuantConfig to_config() const;
+};
+
+struct FinetuneOptions {
+  std::string model;
+  std::string data;
+  std::string output;
+  QuantOptions quant;
+  std::string init = "default";
+  int loftq_iterations = 1;
+  int rank = 16;
+  float alpha = 16.0f;
+  bool rslora = false;
+  float dropout = 0.05f;
+  std::string targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+  std::string layers;
+  float lr = 2e-4f;
+  std::string schedule = "cosine";
+  std::int64_t warmup = 0;
+  std::int64_t steps = 0;
+  double epochs = 1.0;
+  std::int64_t seq_len = 256;
+  std::int64_t batch = 4;
+  std::int64_t grad_accum = 1;
+  int threads = 0;
+  std::int64_t eval_every = 0;
+  std::int64_t save_every = 0;
+  std::int64_t eval_max_rows = 0;
+  double eval_fraction = 0.1;
+  std::string separator;
+  float max_grad_norm = 1.0f;
+  float weight_decay = 0.0f;
+  bool checkpointing = false;
+  bool resume = false;
+  std::uint64_t seed = 42;
+};
+
+struct EvalOptions {
+  std::string model;
+  std::string data;
+  std::string adapter;
+  QuantOptions quant;
+  std::int64_t seq_len = 256;
+  std::int64_t batch = 4;
+  double eval_fraction = 0.1;
+  bool all_documents = false;
+  std::string separator;
+  int threads = 0;
+};
+
+struct GenerateOptions {
+  std::string model;
+  std::string adapter;
+  QuantOptions quant;
+  std::string prompt;
+  bool chat = false;
+  std::string system;
+  float temperature = 0.7f;
+  int top_k = 40;
+  float top_p = 0.9f;
+  std::uint64_t seed = 0;
+  int max_tokens = 128;
+  int threads = 0;
+};
+
+struct ExportOptions {
+  std::string adapter;
+  std::string format = "peft";
+  std::string output;
+  std::string model;  ///< needed for GGUF (architecture and head counts)
+};
+
+struct MergeOptions {
+  std::string model;
+  std::string adapter;
+  std::string output;
+  std::string type = "f16";
+  QuantOptions quant;
+  int threads = 0;
+};
+
+int run_finetune(const FinetuneOptions& options);
+int run_eval(const EvalOptions& options);
+int run_generate(const GenerateOptions& options);
+int run_export(const ExportOptions& options);
+int run_merge(const MergeOptions& options);
+int run_info(const std::string& path);
+
+/// Parses --targets: a comma-separated list of module names, "all-linear", or "re:<regex>".
+std::vector<std::string> parse_targets(const std::string& text);
+/// Parses --layers: "3", "0-5", "0,2,4-7"; empty means every layer.
+std::vector<int> parse_layers(const std::string& text);
+
+/**
+ * Loads `source` with `quant`, then attaches the PEFT adapter in `dir` as "default". When
+ * the adapter records that it was trained on a LoftQ base (its "qlora" metadata), LoftQ is
+ * run again with the recorded settings to rebuild that base before the weights are loaded.
+ */
+LlamaModel load_model_with_adapter(const ModelSource& source, const QuantOptions& quant,
+                                   const std::string& dir);
+
+}  // namespace qlora::cli

@@ -1,0 +1,118 @@
+// The output head (logits = x E^T over the 49152-token vocabulary of SmolLM2) and the
+// cross-entropy loss with its gradient, computed in chunks of rows so that the full
+// [tokens, vocab] logits are never stored.
+//
+// The fp32 products split the vocabulary (forward) or the hidden columns (backward) into
+// fixed blocks, one thread per block, so results do not depend on the thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "llama_impl.hpp"
+#include "qlora/core/threads.hpp"
+#include "qlora/kernels/matmul.hpp"
+
+namespace qlora::detail {
+namespace {
+
+constexpr std::int64_t kVocabBlock = 2048;    // vocabulary rows per thread task (forward)
+constexpr std::int64_t kHiddenBlock = 64;     // hidden columns per thread task (backward)
+constexpr std::int64_t kLossChunkRows = 64;   // rows of logits alive at once in the loss
+
+}  // namespace
+
+void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& logits) {
+  // x [R, hidden], logits [R, vocab]
+  if (table.quantized) {
+    logits.resize(x.rows(), table.quantized->rows);
+    dequant_matmul(x, *table.quantized, logits, false);
+    return;
+  }
+  const std::int64_t vocab = table.dense.rows();
+  logits.resize(x.rows(), vocab);
+  const std::int64_t n_blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
+
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (std::int64_t block = 0; block < n_blocks; ++block) {
+    const std::int64_t begin = block * kVocabBlock;
+    const std::int64_t n = std::min(kVocabBlock, vocab - begin);
+    logits.middleCols(begin, n).noalias() = x * table.dense.middleRows(begin, n).transpose();
+  }
+}
+
+void head_backward(const LlamaTable& table, ConstRefRowMatrixF d_logits, RowMatrixF& dx) {
+  // d_logits [R, vocab], dx [R, hidden]
+  if (table.quantized) {
+    dx.resize(d_logits.rows(), table.quantized->cols);
+    dequant_matmul_backward(d_logits, *table.quantized, dx, false);
+    return;
+  }
+  const std::int64_t hidden = table.dense.cols();
+  dx.resize(d_logits.rows(), hidden);
+  const std::int64_t n_blocks = (hidden + kHiddenBlock - 1) / kHiddenBlock;
+
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (std::int64_t block = 0; block < n_blocks; ++block) {
+    const std::int64_t begin = block * kHiddenBlock;
+    const std::int64_t n = std::min(kHiddenBlock, hidden - begin);
+    dx.middleCols(begin, n).noalias() = d_logits * table.dense.middleCols(begin, n);
+  }
+}
+
+LlamaLoss head_cross_entropy(const LlamaTable& table, const RowMatrixF& x,
+                             std::span<const std::int32_t> targets,
+                             std::span<const std::uint8_t> loss_mask, RowMatrixF* dx) {
+  // x [M, hidden]; targets, loss_mask [M]; dx [M, hidden]
+  std::vector<std::int64_t> rows;
+  for (std::size_t m = 0; m < targets.size(); ++m) {
+    const bool masked_out = !loss_mask.empty() && loss_mask[m] == 0;
+    if (targets[m] != kIgnoreIndex && !masked_out) rows.push_back(static_cast<std::int64_t>(m));
+  }
+  if (dx != nullptr) dx->setZero(x.rows(), x.cols());
+
+  LlamaLoss loss;
+  loss.n_tokens = static_cast<std::int64_t>(rows.size());
+  std::vector<double> row_loss;
+  for (std::size_t chunk = 0; chunk < rows.size(); chunk += kLossChunkRows) {
+    const std::int64_t n = std::min<std::int64_t>(
+        kLossChunkRows, static_cast<std::int64_t>(rows.size() - chunk));
+    RowMatrixF xs(n, x.cols());
+    for (std::int64_t i = 0; i < n; ++i) xs.row(i) = x.row(rows[chunk + static_cast<std::size_t>(i)]);
+    RowMatrixF logits;
+    head_forward(table, xs, logits);
+
+    // loss = logsumexp(logits) - logits[target]; d loss / d logits = softmax - one_hot.
+    row_loss.assign(static_cast<std::size_t>(n), 0.0);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      float* row = logits.row(i).data();
+      const std::int64_t vocab = logits.cols();
+      const std::int32_t target =
+          targets[static_cast<std::size_t>(rows[chunk + static_cast<std::size_t>(i)])];
+      const float max_logit = *std::max_element(row, row + vocab);
+      double sum_exp = 0.0;
+      for (std::int64_t j = 0; j < vocab; ++j) sum_exp += std::exp(row[j] - max_logit);
+      const double log_sum_exp = max_logit + std::log(sum_exp);
+      row_loss[static_cast<std::size_t>(i)] = log_sum_exp - row[target];
+      if (dx != nullptr) {
+        for (std::int64_t j = 0; j < vocab; ++j) {
+          row[j] = static_cast<float>(std::exp(static_cast<double>(row[j]) - log_sum_exp));
+        }
+        row[target] -= 1.0f;
+      }
+    }
+    for (double value : row_loss) loss.sum += value;
+
+    if (dx != nullptr) {
+      RowMatrixF dxs;
+      head_backward(table, logits, dxs);
+      for (std::int64_t i = 0; i < n; ++i) {
+        dx->row(rows[chunk + static_cast<std::size_t>(i)]) = dxs.row(i);
+      }
+    }
+  }
+  return loss;
+}
+
+}  // namespace qlora::detail

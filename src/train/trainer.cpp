@@ -1,0 +1,431 @@
+#include "qlora/train/trainer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "qlora/core/error.hpp"
+#include "qlora/core/log.hpp"
+#include "qlora/core/random.hpp"
+#include "qlora/io/mapped_file.hpp"
+#include "qlora/io/safetensors.hpp"
+#include "qlora/lora/peft_io.hpp"
+
+namespace qlora {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::uint64_t fingerprint_rows(const std::vector<PackedRow>& rows) {
+  std::uint64_t h = 0x9e3779b97f4a7c15ull;
+  for (const PackedRow& row : rows) {
+    for (std::int32_t t : row.tokens) h = mix_seed(h, static_cast<std::uint64_t>(t));
+    for (std::int32_t t : row.targets) h = mix_seed(h, static_cast<std::uint64_t>(t));
+  }
+  return h;
+}
+
+std::vector<std::int64_t> epoch_order(std::size_t n_rows, std::uint64_t seed, std::int64_t epoch) {
+  std::vector<std::int64_t> order(n_rows);
+  std::iota(order.begin(), order.end(), 0);
+  // Fisher-Yates with the portable generator, so the order is the same everywhere.
+  Rng rng(mix_seed(seed, static_cast<std::uint64_t>(epoch)));
+  for (std::size_t i = n_rows; i > 1; --i) {
+    const auto j = static_cast<std::size_t>(rng.below(i));
+    std::swap(order[i - 1], order[j]);
+  }
+  return order;
+}
+
+void write_text_atomic(const std::filesystem::path& path, const std::string& text) {
+  AtomicFileWriter writer(path);
+  writer.write(std::as_bytes(std::span<const char>(text.data(), text.size())));
+  writer.commit();
+}
+
+std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) raise<IoError>("[Trainer::resume] cannot read {}", path.string());
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
+                 std::vector<PackedRow> eval_rows, TrainerConfig config)
+    : model_(model),
+      train_rows_(std::move(train_rows)),
+      eval_rows_(std::move(eval_rows)),
+      config_(std::move(config)),
+      optimizer_(config_.adamw) {
+  QLORA_CHECK_ARG(!train_rows_.empty(), "[Trainer] no training rows (hint: the data file is "
+                                        "empty or every document went to the held-out split)");
+  QLORA_CHECK_ARG(config_.batch_size > 0 && config_.grad_accum > 0,
+                  "[Trainer] batch size and gradient accumulation must be positive: got {} and {}",
+                  config_.batch_size, config_.grad_accum);
+  QLORA_CHECK_ARG(std::isfinite(config_.lr) && config_.lr > 0.0f,
+                  "[Trainer] learning rate must be positive: got {}", config_.lr);
+  QLORA_CHECK_ARG(config_.max_steps > 0 || config_.epochs > 0.0,
+                  "[Trainer] set max_steps or epochs: got {} and {}", config_.max_steps,
+                  config_.epochs);
+  QLORA_CHECK_ARG(!trainable_params().empty(),
+                  "[Trainer] the model holds no adapter named '{}' (hint: add it with "
+                  "LlamaModel::add_adapter first)",
+                  config_.adapter_name);
+
+  const std::int64_t rows_per_step = config_.batch_size * config_.grad_accum;
+  total_steps_ = config_.max_steps > 0
+                     ? config_.max_steps
+                     : std::max<std::int64_t>(
+                           1, static_cast<std::int64_t>(std::ceil(
+                                  config_.epochs * static_cast<double>(train_rows_.size()) /
+                                  static_cast<double>(rows_per_step))));
+  order_ = epoch_order(train_rows_.size(), config_.seed, 0);
+  data_fingerprint_ = mix_seed(fingerprint_rows(train_rows_),
+                               mix_seed(static_cast<std::uint64_t>(rows_per_step), config_.seed));
+  if (!config_.output_dir.empty()) std::filesystem::create_directories(config_.output_dir);
+}
+
+std::vector<ParamRef> Trainer::trainable_params() {
+  std::vector<ParamRef> params;
+  for (const LlamaProjectionRef& ref : model_.projections()) {
+    if (ref.linear == nullptr || !ref.linear->has_adapter(config_.adapter_name)) continue;
+    LoraAdapter& a = ref.linear->adapter(config_.adapter_name);
+    if (!a.trainable) continue;
+    params.push_back({ref.key + ".lora_A", &a.A, &a.dA});
+    params.push_back({ref.key + ".lora_B", &a.B, &a.dB});
+  }
+  return params;
+}
+
+const PackedRow& Trainer::next_row() {
+  if (cursor_ >= static_cast<std::int64_t>(order_.size())) {
+    ++epoch_;
+    cursor_ = 0;
+    order_ = epoch_order(train_rows_.size(), config_.seed, epoch_);
+  }
+  return train_rows_[static_cast<std::size_t>(order_[static_cast<std::size_t>(cursor_++)])];
+}
+
+StepMetrics Trainer::step() {
+  QLORA_CHECK_ARG(!done(), "[Trainer::step] training is complete: {} of {} steps taken", step_,
+                  total_steps_);
+  const auto start = Clock::now();
+
+  // Gather the step's micro-batches first: the loss is normalised by the trained tokens of
+  // the whole step, so that 2 micro-batches of 4 rows equal 1 of 8.
+  std::vector<std::vector<const PackedRow*>> micro_batches(
+      static_cast<std::size_t>(config_.grad_accum));
+  std::int64_t n_targets = 0;
+  std::int64_t n_inputs = 0;
+  for (auto& micro : micro_batches) {
+    for (std::int64_t i = 0; i < config_.batch_size; ++i) {
+      const PackedRow& row = next_row();
+      micro.push_back(&row);
+      n_targets += row.n_targets;
+      n_inputs += static_cast<std::int64_t>(row.tokens.size());
+    }
+  }
+
+  std::vector<ParamRef> params = trainable_params();
+  model_.zero_grad();
+  double loss_sum = 0.0;
+  const float loss_scale = n_targets > 0 ? 1.0f / static_cast<float>(n_targets) : 0.0f;
+  for (std::size_t m = 0; m < micro_batches.size(); ++m) {
+    const LlamaBatch batch = make_batch(micro_batches[m]);
+    LlamaTrainState state;
+    const std::uint64_t micro_index =
+        static_cast<std::uint64_t>(step_ * config_.grad_accum) + static_cast<std::uint64_t>(m);
+    const LlamaLoss loss =
+        model_.forward(batch, state,
+                       {.gradient_checkpointing = config_.gradient_checkpointing,
+                        .dropout = true,
+                        .dropout_seed = mix_seed(config_.seed, micro_index)});
+    if (!std::isfinite(loss.sum)) {
+      raise<TrainingDiverged>(
+          "[Trainer::step] the loss is {} at step {} (micro-batch {}); the last checkpoint in "
+          "{} is unchanged (hint: lower the learning rate or enable clipping)",
+          loss.sum, step_ + 1, m, config_.output_dir.string());
+    }
+    loss_sum += loss.sum;
+    if (loss.n_tokens > 0) model_.backward(state, loss_scale);
+  }
+
+  const double grad_norm = global_grad_norm(params);
+  if (!std::isfinite(grad_norm)) {
+    raise<TrainingDiverged>(
+        "[Trainer::step] the gradient norm is {} at step {}; the last checkpoint in {} is "
+        "unchanged (hint: lower the learning rate)",
+        grad_norm, step_ + 1, config_.output_dir.string());
+  }
+  if (config_.max_grad_norm > 0.0f && grad_norm > static_cast<double>(config_.max_grad_norm)) {
+    scale_grads(params, static_cast<float>(static_cast<double>(config_.max_grad_norm) /
+                                           (grad_norm + 1e-6)));
+  }
+  const float lr =
+      scheduled_lr(config_.schedule, config_.lr, step_, config_.warmup_steps, total_steps_);
+  if (n_targets > 0) optimizer_.step(params, lr);
+  ++step_;
+
+  StepMetrics metrics;
+  metrics.step = step_;
+  metrics.loss = n_targets > 0 ? loss_sum / static_cast<double>(n_targets) : 0.0;
+  metrics.lr = lr;
+  metrics.grad_norm = grad_norm;
+  metrics.tokens = n_targets;
+  metrics.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  metrics.tokens_per_second = static_cast<double>(n_inputs) / metrics.seconds;
+  history_.push_back(metrics);
+  append_metrics(nlohmann::json{{"type", "train"},
+                                {"step", metrics.step},
+                                {"loss", metrics.loss},
+                                {"lr", metrics.lr},
+                                {"grad_norm", metrics.grad_norm},
+                                {"tokens", metrics.tokens},
+                                {"tokens_per_second", metrics.tokens_per_second}}
+                     .dump());
+  if (on_step) on_step(metrics);
+
+  const bool last = done();
+  if (!eval_rows_.empty() &&
+      (last || (config_.eval_every > 0 && step_ % config_.eval_every == 0))) {
+    evaluate();
+  }
+  if (!config_.output_dir.empty() &&
+      (last || (config_.save_every > 0 && step_ % config_.save_every == 0))) {
+    save_checkpoint();
+  }
+  return metrics;
+}
+
+EvalMetrics Trainer::evaluate() {
+  EvalMetrics metrics;
+  metrics.step = step_;
+  std::size_t n_rows = eval_rows_.size();
+  if (config_.eval_max_rows > 0) {
+    n_rows = std::min(n_rows, static_cast<std::size_t>(config_.eval_max_rows));
+  }
+  double sum = 0.0;
+  for (std::size_t begin = 0; begin < n_rows; begin += static_cast<std::size_t>(config_.batch_size)) {
+    std::vector<const PackedRow*> rows;
+    const std::size_t end = std::min(n_rows, begin + static_cast<std::size_t>(config_.batch_size));
+    for (std::size_t i = begin; i < end; ++i) rows.push_back(&eval_rows_[i]);
+    const LlamaLoss loss = model_.loss(make_batch(rows));
+    sum += loss.sum;
+    metrics.tokens += loss.n_tokens;
+  }
+  metrics.loss = metrics.tokens > 0 ? sum / static_cast<double>(metrics.tokens) : 0.0;
+  metrics.perplexity = std::exp(metrics.loss);
+  eval_history_.push_back(metrics);
+  append_metrics(nlohmann::json{{"type", "eval"},
+                                {"step", metrics.step},
+                                {"loss", metrics.loss},
+                                {"perplexity", metrics.perplexity},
+                                {"tokens", metrics.tokens}}
+                     .dump());
+  if (on_eval) on_eval(metrics);
+  return metrics;
+}
+
+void Trainer::append_metrics(const std::string& json_line) {
+  if (config_.output_dir.empty()) return;
+  std::ofstream out(config_.output_dir / "metrics.jsonl", std::ios::app);
+  out << json_line << '\n';
+  if (!out) {
+    raise<IoError>("[Trainer] cannot append to {}",
+                   (config_.output_dir / "metrics.jsonl").string());
+  }
+}
+
+std::filesystem::path Trainer::save_checkpoint() {
+  QLORA_CHECK_ARG(!config_.output_dir.empty(),
+                  "[Trainer::save_checkpoint] no output directory is set");
+  namespace fs = std::filesystem;
+  const std::string name = fmt::format("checkpoint-{}", step_);
+  const fs::path final_dir = config_.output_dir / name;
+  const fs::path temp_dir = config_.output_dir / ("." + name + ".tmp");
+  fs::remove_all(temp_dir);
+  fs::create_directories(temp_dir);
+
+  // The exact adapter and optimizer state, for resuming.
+  SafetensorsWriter params_writer;
+  SafetensorsWriter optimizer_writer;
+  for (const ParamRef& p : trainable_params()) params_writer.add(p.name, *p.value);
+  for (const auto& [param, moments] : optimizer_.moments()) {
+    optimizer_writer.add(param + ".exp_avg", moments.m);
+    optimizer_writer.add(param + ".exp_avg_sq", moments.v);
+  }
+  params_writer.write(temp_dir / "adapter_state.safetensors");
+  optimizer_writer.write(temp_dir / "optimizer.safetensors");
+
+  // The same adapter in PEFT's format, for use outside qlora.
+  PeftAdapter peft;
+  for (const LlamaProjectionRef& ref : model_.projections()) {
+    if (ref.linear != nullptr && ref.linear->has_adapter(config_.adapter_name)) {
+      peft.modules[ref.key] = ref.linear->adapter(config_.adapter_name);
+    }
+  }
+  save_peft_adapter(temp_dir / "adapter", peft);
+
+  const nlohmann::json state = {{"step", step_},
+                                {"total_steps", total_steps_},
+                                {"epoch", epoch_},
+                                {"cursor", cursor_},
+                                {"optimizer_steps", optimizer_.step_count()},
+                                {"seed", config_.seed},
+                                {"data_fingerprint", data_fingerprint_},
+                                {"adapter_name", config_.adapter_name}};
+  write_text_atomic(temp_dir / "trainer_state.json", state.dump(2) + "\n");
+
+  fs::remove_all(final_dir);
+  fs::rename(temp_dir, final_dir);
+  write_text_atomic(config_.output_dir / "latest", name + "\n");
+
+  // Keep the newest checkpoints only.
+  std::vector<std::pair<std::int64_t, fs::path>> checkpoints;
+  for (const auto& entry : fs::directory_iterator(config_.output_dir)) {
+    const std::string file = entry.path().filename().string();
+    if (entry.is_directory() && file.starts_with("checkpoint-")) {
+      try {
+        checkpoints.emplace_back(std::stoll(file.substr(11)), entry.path());
+      } catch (const std::exception&) {
+        // Not one of ours; leave it.
+      }
+    }
+  }
+  std::sort(checkpoints.begin(), checkpoints.end());
+  const auto keep = static_cast<std::size_t>(std::max(1, config_.keep_checkpoints));
+  for (std::size_t i = 0; i + keep < checkpoints.size(); ++i) fs::remove_all(checkpoints[i].second);
+  QLORA_LOG_INFO("saved {}", final_dir.string());
+  return final_dir;
+}
+
+void Trainer::resume(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  fs::path checkpoint = dir;
+  if (fs::exists(dir / "latest")) {
+    std::string name = read_text(dir / "latest");
+    while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
+    checkpoint = dir / name;
+  }
+  if (!fs::exists(checkpoint / "trainer_state.json")) {
+    raise<IoError>("[Trainer::resume] {} holds no trainer_state.json (hint: pass a run folder "
+                   "written with --output, or one of its checkpoint-N folders)",
+                   checkpoint.string());
+  }
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(read_text(checkpoint / "trainer_state.json"));
+  } catch (const nlohmann::json::exception& e) {
+    raise<FormatError>("[Trainer::resume] {}: invalid JSON: {}",
+                       (checkpoint / "trainer_state.json").string(), e.what());
+  }
+  const auto fingerprint = state.at("data_fingerprint").get<std::uint64_t>();
+  QLORA_CHECK_ARG(fingerprint == data_fingerprint_,
+                  "[Trainer::resume] {} was written for other training data, batch size, "
+                  "gradient accumulation or seed (hint: resume with the settings of the "
+                  "original run)",
+                  checkpoint.string());
+
+  const SafetensorsFile params(checkpoint / "adapter_state.safetensors");
+  for (const ParamRef& p : trainable_params()) {
+    const RowMatrixF value = params.to_matrix(p.name);
+    QLORA_CHECK_ARG(value.rows() == p.value->rows() && value.cols() == p.value->cols(),
+                    "[Trainer::resume] {} is [{}, {}] in the checkpoint, [{}, {}] in the model",
+                    p.name, value.rows(), value.cols(), p.value->rows(), p.value->cols());
+    *p.value = value;
+  }
+  const SafetensorsFile optimizer(checkpoint / "optimizer.safetensors");
+  std::map<std::string, AdamW::Moments> moments;
+  for (const ParamRef& p : trainable_params()) {
+    if (optimizer.find(p.name + ".exp_avg") == nullptr) continue;
+    moments[p.name] = {optimizer.to_matrix(p.name + ".exp_avg"),
+                       optimizer.to_matrix(p.name + ".exp_avg_sq")};
+  }
+  optimizer_.restore(std::move(moments), state.at("optimizer_steps").get<std::int64_t>());
+
+  step_ = state.at("step").get<std::int64_t>();
+  epoch_ = state.at("epoch").get<std::int64_t>();
+  cursor_ = state.at("cursor").get<std::int64_t>();
+  order_ = epoch_order(train_rows_.size(), config_.seed, epoch_);
+  QLORA_LOG_INFO("resumed from {} at step {}", checkpoint.string(), step_);
+}
+
+void Trainer::write_loss_curve() const {
+  if (config_.output_dir.empty() || history_.empty()) return;
+  constexpr double kWidth = 720, kHeight = 420, kLeft = 70, kRight = 20, kTop = 30, kBottom = 50;
+  double max_loss = 0.0, min_loss = 1e300;
+  for (const auto& m : history_) {
+    max_loss = std::max(max_loss, m.loss);
+    min_loss = std::min(min_loss, m.loss);
+  }
+  for (const auto& e : eval_history_) {
+    max_loss = std::max(max_loss, e.loss);
+    min_loss = std::min(min_loss, e.loss);
+  }
+  if (max_loss <= min_loss) max_loss = min_loss + 1.0;
+  const double first_step = 0.0;
+  const double last_step = static_cast<double>(std::max<std::int64_t>(1, history_.back().step));
+  const auto x_of = [&](double step) {
+    return kLeft + (step - first_step) / (last_step - first_step) * (kWidth - kLeft - kRight);
+  };
+  const auto y_of = [&](double loss) {
+    return kTop + (max_loss - loss) / (max_loss - min_loss) * (kHeight - kTop - kBottom);
+  };
+
+  std::string svg = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{0}\" height=\"{1}\" "
+      "fill=\"white\"/>\n",
+      kWidth, kHeight);
+  svg += fmt::format(
+      "<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"black\"/>\n<line x1=\"{0}\" "
+      "y1=\"{2}\" x2=\"{3}\" y2=\"{2}\" stroke=\"black\"/>\n",
+      kLeft, kTop, kHeight - kBottom, kWidth - kRight);
+  for (int i = 0; i <= 4; ++i) {
+    const double loss = min_loss + (max_loss - min_loss) * i / 4.0;
+    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.3f}</text>\n", kLeft - 6,
+                       y_of(loss) + 4, loss);
+    const double step = first_step + (last_step - first_step) * i / 4.0;
+    svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{:.0f}</text>\n",
+                       x_of(step), kHeight - kBottom + 18, step);
+  }
+  svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">optimizer step</text>\n",
+                     (kWidth + kLeft) / 2, kHeight - 10);
+  svg += fmt::format("<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" "
+                     "text-anchor=\"middle\">loss (nats per token)</text>\n",
+                     kHeight / 2, kHeight / 2);
+
+  std::string train_points;
+  for (const auto& m : history_) {
+    train_points += fmt::format("{:.1f},{:.1f} ", x_of(static_cast<double>(m.step)), y_of(m.loss));
+  }
+  svg += fmt::format("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" "
+                     "points=\"{}\"/>\n",
+                     train_points);
+  if (!eval_history_.empty()) {
+    std::string eval_points;
+    for (const auto& e : eval_history_) {
+      const double x = x_of(static_cast<double>(e.step));
+      eval_points += fmt::format("{:.1f},{:.1f} ", x, y_of(e.loss));
+      svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"#d62728\"/>\n", x,
+                         y_of(e.loss));
+    }
+    svg += fmt::format("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" "
+                       "points=\"{}\"/>\n",
+                       eval_points);
+  }
+  svg += fmt::format(
+      "<text x=\"{0}\" y=\"20\" fill=\"#1f77b4\">training loss</text><text x=\"{1}\" y=\"20\" "
+      "fill=\"#d62728\">held-out loss</text>\n</svg>\n",
+      kLeft, kLeft + 120);
+  write_text_atomic(config_.output_dir / "loss_curve.svg", svg);
+}
+
+}  // namespace qlora
