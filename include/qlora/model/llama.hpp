@@ -251,6 +251,8 @@ class LlamaModel {
   /// Adds the adapter `name` to every projection that `config` targets, each seeded from
   /// `seed`, the layer and the projection. Throws qlora::NotImplemented for fp32 projections
   /// and qlora::InvalidArgument when `config` targets no projection.
+  /// NOTE: LoraInit::loftq throws qlora::InvalidArgument here, because the model does not keep
+  /// the float weights that LoftQ needs; run loftq_init on each projection instead.
   void add_adapter(const std::string& name, const LoraConfig& config, std::uint64_t seed);
   /// Removes `name` from every projection that contains it.
   void remove_adapter(const std::string& name);
