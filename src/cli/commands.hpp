@@ -15,7 +15,7 @@
 
 namespace qlora::cli {
 
-/// How the base projections are quantized (--quant, --group-size, --double-quant,
+/// The quantization of the base projections (--quant, --group-size, --double-quant,
 /// --symmetric).
 struct QuantOptions {
   std::string format = "nf4";

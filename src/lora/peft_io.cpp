@@ -246,7 +246,7 @@ PeftAdapter load_peft_adapter(const std::filesystem::path& dir) {
                        b_tensors.begin()->first, kSuffixB);
   }
   if (adapter.modules.empty()) {
-    raise<FormatError>("[load_peft_adapter] {} holds no LoRA tensors", weights_path.string());
+    raise<FormatError>("[load_peft_adapter] {} contains no LoRA tensors", weights_path.string());
   }
   return adapter;
 }

@@ -165,7 +165,7 @@ std::vector<Document> load_documents(const std::filesystem::path& path,
     }
   }
   if (documents.empty()) {
-    raise<FormatError>("[load_documents] {} holds no documents", path.string());
+    raise<FormatError>("[load_documents] {} contains no documents", path.string());
   }
   return documents;
 }

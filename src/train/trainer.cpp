@@ -315,7 +315,7 @@ void Trainer::resume(const std::filesystem::path& dir) {
     checkpoint = dir / name;
   }
   if (!fs::exists(checkpoint / "trainer_state.json")) {
-    raise<IoError>("[Trainer::resume] {} holds no trainer_state.json (hint: pass a run folder "
+    raise<IoError>("[Trainer::resume] {} contains no trainer_state.json (hint: pass a run folder "
                    "written with --output, or one of its checkpoint-N folders)",
                    checkpoint.string());
   }

@@ -1,6 +1,7 @@
 #include "qlora/lora/lora_linear.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <span>
 #include <string>
 
@@ -343,6 +344,9 @@ TEST(qalora_merge, exact_and_codes_unchanged) {
       RowMatrixF y_merged(7, 40);
       merged_layer.forward(x, y_merged);
       const double rel = (y_merged - y).norm() / y.norm();
+      std::printf("QA-LoRA merge, %s%s: relative output difference %.3g\n",
+                  std::string(qlora::to_string(format)).c_str(), symmetric ? " symmetric" : "",
+                  rel);
       EXPECT_LT(rel, 1e-5) << qlora::to_string(format) << " symmetric=" << symmetric;
     }
   }

@@ -16,7 +16,7 @@
 
 namespace qlora {
 
-/// How a new adapter's A and B start.
+/// The initialisation of a new adapter's A and B.
 enum class LoraInit {
   kaiming,   ///< PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (Kaiming-uniform, a = sqrt(5)), B = 0
   gaussian,  ///< A ~ N(0, (1/rank)^2), B = 0
@@ -30,7 +30,7 @@ std::string_view to_string(LoraInit init);
 /// Parses the names that to_string returns; throws qlora::InvalidArgument otherwise.
 LoraInit parse_lora_init(std::string_view name);
 
-/// How LoftQ computes the rank-r SVD of the quantization residual.
+/// The SVD method that LoftQ uses on the quantization residual.
 enum class SvdMethod {
   automatic,   ///< full SVD when min(out, in) <= LoftqOptions::full_svd_max_dim, else randomized
   full,        ///< Eigen's BDCSVD of the whole residual

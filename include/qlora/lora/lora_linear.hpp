@@ -57,7 +57,7 @@ LoraAdapter make_lora_adapter(std::int64_t out_features, std::int64_t in_feature
                               const LoraConfig& config, std::uint64_t seed,
                               int pool_group_size = 0);
 
-/// What forward keeps for backward, per call. One cache per forward call in flight.
+/// The state that forward keeps for backward: one cache per forward call in flight.
 struct LoraLinearCache {
   RowMatrixF x;  ///< the input [M, K]
   struct AdapterCache {

@@ -21,7 +21,7 @@ void merge_adapter(RowMatrixF& weights, const LoraAdapter& adapter, bool safe_me
 /// Subtracts what merge_adapter added; the inverse of merge_adapter up to float rounding.
 void unmerge_adapter(RowMatrixF& weights, const LoraAdapter& adapter);
 
-/// What re-quantizing a merged layer did to the adapter's update.
+/// The effect of re-quantizing a merged layer on the adapter's update.
 struct QuantMergeReport {
   double delta_norm = 0.0;  ///< ||s B A||_F, the update asked for
   /// ||dequant(merged) - (dequant(base) + s B A)||_F, the error the merge added
