@@ -74,7 +74,14 @@ std::size_t complete_utf8_prefix(const std::string& text) {
   while (i > 0 && end - i < 4) {
     const auto c = static_cast<unsigned char>(text[i - 1]);
     if ((c & 0xc0) != 0x80) {
-      const std::size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+      std::size_t need = 1;  // bytes of the sequence that this lead byte starts
+      if (c >= 0xf0) {
+        need = 4;
+      } else if (c >= 0xe0) {
+        need = 3;
+      } else if (c >= 0xc0) {
+        need = 2;
+      }
       return (end - (i - 1) >= need) ? end : i - 1;
     }
     --i;

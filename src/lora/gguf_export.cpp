@@ -12,7 +12,8 @@
 namespace qlora {
 namespace {
 
-// Which RoPE permutation the rows of a projection's output need in GGUF, by heads; 0: none.
+// Returns the head count of the RoPE row permutation that a projection's output rows need in
+// GGUF, or 0 when they need none.
 std::int64_t rope_heads(const std::string& module_key, const LlamaConfig& config) {
   if (module_key.ends_with(".q_proj")) return config.num_attention_heads;
   if (module_key.ends_with(".k_proj")) return config.num_key_value_heads;

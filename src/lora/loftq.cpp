@@ -110,8 +110,8 @@ LoftqResult loftq_init(ConstRefRowMatrixF weights, const QuantConfig& quant,
     const VectorF root = f.S.cwiseSqrt();
     result.adapter.B = (f.U * root.asDiagonal()) * factor_scale;              // [N, r]
     result.adapter.A = (root.asDiagonal() * f.V.transpose()) * factor_scale;  // [r, K]
-    // PEFT subtracts B * A unscaled in its next iteration; qlora subtracts s * B * A, which
-    // in both cases is the rank-r residual, so the iterations agree.
+    // PEFT subtracts B * A unscaled in its next iteration, and qlora subtracts s * B * A.
+    // Both are the rank-r residual, so the iterations agree.
     low_rank = result.adapter.B * result.adapter.A;
     if (!config.loftq.peft_compatible) low_rank *= s;
 

@@ -29,7 +29,7 @@ using ::testing::HasSubstr;
 // torch.linalg.svd (LAPACK) and Eigen's BDCSVD agree on float32 singular vectors to about
 // this much, relative to the factor's largest entry.
 constexpr double kFactorRelTol = 2e-3;
-// With T > 1 the next quantization sees W - B A, whose tiny SVD differences can move a value
+// With T > 1 the next quantization takes W - B A, whose tiny SVD differences can move a value
 // across an NF4 threshold; allow this share of codes to differ.
 constexpr double kIteratedCodeMismatchShare = 0.002;
 // A PEFT layer output reproduced from the loaded adapter, in float32.

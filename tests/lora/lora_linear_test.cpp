@@ -23,7 +23,7 @@ using qlora::QuantLoraLinear;
 using qlora::RowMatrixF;
 using ::testing::HasSubstr;
 
-// The loss is linear in A, B and x, so a central difference is exact up to rounding; this
+// The loss is linear in A, B and x, so a central difference is exact up to rounding. This
 // bounds that rounding relative to the gradient's largest entry.
 constexpr double kGradRelTol = 2e-3;
 constexpr float kFdStep = 1e-2f;

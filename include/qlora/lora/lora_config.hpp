@@ -68,7 +68,7 @@ struct LoraConfig {
   /// Only these layer indexes get adapters; empty means every layer.
   std::vector<int> layers_to_transform;
 
-  /// The factor applied to B * A: alpha / rank, or alpha / sqrt(rank) with rsLoRA.
+  /// Returns the factor applied to B * A: alpha / rank, or alpha / sqrt(rank) with rsLoRA.
   float scaling() const {
     return use_rslora ? alpha / std::sqrt(static_cast<float>(rank))
                       : alpha / static_cast<float>(rank);

@@ -3,7 +3,7 @@
 //   y = x W_q^T + sum over active adapters of  s * (drop(x) A^T) B^T
 //
 // with W_q the quantized base [N, K] (never modified by training), A [r, K], B [N, r] and
-// s = LoraConfig::scaling(). A QA-LoRA adapter (LoraInit::qalora) sees x average-pooled over
+// s = LoraConfig::scaling(). A QA-LoRA adapter (LoraInit::qalora) takes x average-pooled over
 // the base's quantization groups instead: A is [r, K / G], and its update folds exactly into
 // the base's per-group offsets (see merge.hpp).
 //

@@ -1,6 +1,6 @@
-// Folding LoRA adapters into weights: into float weights (exactly invertible), into a
-// quantized base by re-quantizing (lossy; the loss is measured), and QA-LoRA's lossless fold
-// into the per-group offsets of an INT4 / INT8 base.
+// Folding LoRA adapters into weights. A merge into float weights is exactly invertible. A merge
+// into a quantized base re-quantizes, so it loses part of the update, and that loss is measured.
+// QA-LoRA's merge folds the update into the per-group offsets of an INT4 / INT8 base without loss.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +14,7 @@ namespace qlora {
 /**
  * Adds the adapter's update s * B * A to `weights` [N, K]. With `safe_merge` the sum is
  * formed in a copy and rejected with qlora::InvalidArgument, leaving `weights` untouched,
- * when it holds a NaN or infinity.
+ * when it contains a NaN or infinity.
  */
 void merge_adapter(RowMatrixF& weights, const LoraAdapter& adapter, bool safe_merge = true);
 

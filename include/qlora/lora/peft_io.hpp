@@ -1,7 +1,7 @@
 // Saving and loading LoRA adapters in PEFT's directory format, so that PEFT loads what qlora
 // writes and qlora loads what PEFT writes.
 //
-// A directory holds `adapter_config.json` and `adapter_model.safetensors`. Tensor names are
+// A directory contains `adapter_config.json` and `adapter_model.safetensors`. Tensor names are
 // the model's module keys in Hugging Face naming with PEFT's prefix and suffixes:
 //   base_model.model.<key>.lora_A.weight  [r, in]
 //   base_model.model.<key>.lora_B.weight  [out, r]
