@@ -69,6 +69,10 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
   QLORA_CHECK_ARG(config_.batch_size > 0 && config_.grad_accum > 0,
                   "[Trainer] batch size and gradient accumulation must be positive: got {} and {}",
                   config_.batch_size, config_.grad_accum);
+  QLORA_CHECK_ARG(config_.replay_rows >= 0 && config_.replay_rows < config_.batch_size,
+                  "[Trainer] replay rows per micro-batch must be in [0, batch size): got {} with "
+                  "batch size {} (hint: lower --replay-fraction or raise the batch size)",
+                  config_.replay_rows, config_.batch_size);
   QLORA_CHECK_ARG(std::isfinite(config_.lr) && config_.lr > 0.0f,
                   "[Trainer] learning rate must be positive: got {}", config_.lr);
   QLORA_CHECK_ARG(config_.max_steps > 0 || config_.epochs > 0.0,
@@ -79,7 +83,9 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
                   "LlamaModel::add_adapter first)",
                   config_.adapter_name);
 
-  const std::int64_t rows_per_step = config_.batch_size * config_.grad_accum;
+  // Replayed rows do not consume the training set.
+  const std::int64_t rows_per_step =
+      (config_.batch_size - config_.replay_rows) * config_.grad_accum;
   total_steps_ = config_.max_steps > 0
                      ? config_.max_steps
                      : std::max<std::int64_t>(
@@ -89,6 +95,10 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
   order_ = epoch_order(train_rows_.size(), config_.seed, 0);
   data_fingerprint_ = mix_seed(fingerprint_rows(train_rows_),
                                mix_seed(static_cast<std::uint64_t>(rows_per_step), config_.seed));
+  if (config_.replay_rows > 0) {
+    data_fingerprint_ =
+        mix_seed(data_fingerprint_, static_cast<std::uint64_t>(config_.replay_rows));
+  }
   if (!config_.output_dir.empty()) std::filesystem::create_directories(config_.output_dir);
 }
 
@@ -124,9 +134,18 @@ StepMetrics Trainer::step() {
       static_cast<std::size_t>(config_.grad_accum));
   std::int64_t n_targets = 0;
   std::int64_t n_inputs = 0;
-  for (auto& micro : micro_batches) {
+  QLORA_CHECK_ARG(config_.replay_rows == 0 || replay_source,
+                  "[Trainer::step] replay_rows is {} but no replay_source is set",
+                  config_.replay_rows);
+  for (std::size_t m = 0; m < micro_batches.size(); ++m) {
+    auto& micro = micro_batches[m];
     for (std::int64_t i = 0; i < config_.batch_size; ++i) {
-      const PackedRow& row = next_row();
+      const bool replayed = i >= config_.batch_size - config_.replay_rows;
+      const std::uint64_t draw =
+          (static_cast<std::uint64_t>(step_ * config_.grad_accum) + m) *
+              static_cast<std::uint64_t>(config_.batch_size) +
+          static_cast<std::uint64_t>(i);
+      const PackedRow& row = replayed ? replay_source(draw) : next_row();
       micro.push_back(&row);
       n_targets += row.n_targets;
       n_inputs += static_cast<std::int64_t>(row.tokens.size());
@@ -156,6 +175,11 @@ StepMetrics Trainer::step() {
     loss_sum += loss.sum;
     if (loss.n_tokens > 0) model_.backward(state, loss_scale);
   }
+  const double penalty = regularizer ? regularizer() : 0.0;
+  if (!std::isfinite(penalty)) {
+    raise<TrainingDiverged>("[Trainer::step] the regularizer is {} at step {}", penalty,
+                            step_ + 1);
+  }
 
   const double grad_norm = global_grad_norm(params);
   if (!std::isfinite(grad_norm)) {
@@ -178,6 +202,7 @@ StepMetrics Trainer::step() {
   metrics.loss = n_targets > 0 ? loss_sum / static_cast<double>(n_targets) : 0.0;
   metrics.lr = lr;
   metrics.grad_norm = grad_norm;
+  metrics.regularizer = penalty;
   metrics.tokens = n_targets;
   metrics.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   metrics.tokens_per_second = static_cast<double>(n_inputs) / metrics.seconds;
@@ -187,6 +212,7 @@ StepMetrics Trainer::step() {
                                 {"loss", metrics.loss},
                                 {"lr", metrics.lr},
                                 {"grad_norm", metrics.grad_norm},
+                                {"regularizer", metrics.regularizer},
                                 {"tokens", metrics.tokens},
                                 {"tokens_per_second", metrics.tokens_per_second}}
                      .dump());

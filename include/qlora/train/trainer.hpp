@@ -51,6 +51,9 @@ struct TrainerConfig {
   std::uint64_t seed = 0;
   bool gradient_checkpointing = false;
   std::string adapter_name = "default";
+  /// Rows of every micro-batch taken from Trainer::replay_source instead of the training set
+  /// (experience replay); must be smaller than batch_size. 0 disables replay.
+  std::int64_t replay_rows = 0;
 };
 
 /// Metrics of one optimizer step.
@@ -59,6 +62,7 @@ struct StepMetrics {
   double loss = 0.0;            ///< mean loss over the step's trained tokens
   double lr = 0.0;
   double grad_norm = 0.0;       ///< before clipping
+  double regularizer = 0.0;     ///< value of Trainer::regularizer, not included in `loss`
   std::int64_t tokens = 0;      ///< trained (target) tokens in the step
   double tokens_per_second = 0.0;  ///< all input tokens of the step per second of wall time
   double seconds = 0.0;
@@ -113,6 +117,23 @@ class Trainer {
   /// Called after every step and every evaluation, for progress display.
   std::function<void(const StepMetrics&)> on_step;
   std::function<void(const EvalMetrics&)> on_eval;
+
+  /**
+   * An optional penalty on the adapters, such as O-LoRA's orthogonality term. It is called once
+   * per optimizer step, after the gradients of every micro-batch are summed and before
+   * clipping; it adds its gradient to the trainable adapters' dA and dB and returns its value.
+   * Calling it once per step (not once per micro-batch) keeps its weight independent of
+   * gradient accumulation.
+   */
+  std::function<double()> regularizer;
+
+  /**
+   * Supplies replayed rows when config.replay_rows > 0: the last replay_rows rows of every
+   * micro-batch are replay_source(draw), where `draw` numbers the row within the whole run
+   * (step, micro-batch and slot), so a resumed run replays the same rows. The returned row must
+   * stay valid until the step ends.
+   */
+  std::function<const PackedRow&(std::uint64_t draw)> replay_source;
 
   /// Every logged step and evaluation so far, for plots and reports.
   const std::vector<StepMetrics>& step_history() const { return history_; }
