@@ -11,6 +11,9 @@
 #include <utility>
 #include <vector>
 
+#include <fstream>
+#include <sstream>
+
 #include "qlora/core/error.hpp"
 
 namespace qlora {
@@ -166,6 +169,21 @@ void AtomicFileWriter::commit() {
     ::fsync(dir_fd);
     ::close(dir_fd);
   }
+}
+
+void write_text_file_atomic(const std::filesystem::path& path, std::string_view text) {
+  AtomicFileWriter writer(path);
+  writer.write(std::as_bytes(std::span<const char>(text.data(), text.size())));
+  writer.commit();
+}
+
+std::string read_text_file(const std::filesystem::path& path, std::string_view op) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) raise<IoError>("[{}] cannot read {}", op, path.string());
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) raise<IoError>("[{}] error while reading {}", op, path.string());
+  return text.str();
 }
 
 }  // namespace qlora

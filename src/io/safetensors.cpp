@@ -271,6 +271,16 @@ const SafetensorsTensor& SafetensorsFile::tensor(std::string_view name) const {
   return *tensor;
 }
 
+std::vector<std::int32_t> SafetensorsFile::to_int32(const SafetensorsTensor& tensor) const {
+  if (tensor.dtype != "I32") {
+    raise<FormatError>("[SafetensorsFile::to_int32] {}: tensor '{}' has dtype {}, expected I32",
+                       path().string(), tensor.name, tensor.dtype);
+  }
+  std::vector<std::int32_t> values(tensor.data.size() / sizeof(std::int32_t));
+  if (!values.empty()) std::memcpy(values.data(), tensor.data.data(), tensor.data.size());
+  return values;
+}
+
 std::vector<float> SafetensorsFile::to_float(const SafetensorsTensor& tensor) const {
   std::vector<float> values(static_cast<std::size_t>(tensor.n_elements()));
   convert_to_float(tensor, path().string(), values.data());
@@ -407,8 +417,9 @@ void SafetensorsWriter::set_metadata(std::string key, std::string value) {
   metadata_[std::move(key)] = std::move(value);
 }
 
-void SafetensorsWriter::add(std::string_view name, std::span<const std::int64_t> shape,
-                            std::span<const float> values, SafetensorsDtype dtype) {
+void SafetensorsWriter::check_new_tensor(std::string_view name,
+                                         std::span<const std::int64_t> shape,
+                                         std::size_t n_values) const {
   QLORA_CHECK_ARG(!name.empty() && name != "__metadata__",
                   "[SafetensorsWriter::add] invalid tensor name: got '{}', expected a non-empty "
                   "name other than __metadata__",
@@ -421,11 +432,15 @@ void SafetensorsWriter::add(std::string_view name, std::span<const std::int64_t>
                     "[SafetensorsWriter::add] tensor '{}' has an invalid shape [{}]", name,
                     fmt::join(shape, ", "));
   }
-  QLORA_CHECK_ARG(static_cast<std::uint64_t>(n_elements) == values.size(),
+  QLORA_CHECK_ARG(static_cast<std::uint64_t>(n_elements) == n_values,
                   "[SafetensorsWriter::add] tensor '{}' has the wrong element count: got {}, "
                   "expected {} for shape [{}]",
-                  name, values.size(), n_elements, fmt::join(shape, ", "));
+                  name, n_values, n_elements, fmt::join(shape, ", "));
+}
 
+void SafetensorsWriter::add(std::string_view name, std::span<const std::int64_t> shape,
+                            std::span<const float> values, SafetensorsDtype dtype) {
+  check_new_tensor(name, shape, values.size());
   PendingTensor tensor;
   tensor.shape.assign(shape.begin(), shape.end());
   if (dtype == SafetensorsDtype::f32) {
@@ -441,6 +456,17 @@ void SafetensorsWriter::add(std::string_view name, std::span<const std::int64_t>
       std::memcpy(tensor.data.data() + 2 * i, &bits, sizeof bits);
     }
   }
+  tensors_.emplace(std::string(name), std::move(tensor));
+}
+
+void SafetensorsWriter::add_int32(std::string_view name, std::span<const std::int64_t> shape,
+                                  std::span<const std::int32_t> values) {
+  check_new_tensor(name, shape, values.size());
+  PendingTensor tensor;
+  tensor.shape.assign(shape.begin(), shape.end());
+  tensor.dtype = "I32";
+  tensor.data.resize(values.size() * sizeof(std::int32_t));
+  if (!values.empty()) std::memcpy(tensor.data.data(), values.data(), tensor.data.size());
   tensors_.emplace(std::string(name), std::move(tensor));
 }
 

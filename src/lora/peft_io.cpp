@@ -45,12 +45,6 @@ const T* find_pattern(const std::map<std::string, T>& patterns, const std::strin
   return nullptr;
 }
 
-void write_text_atomic(const std::filesystem::path& path, const std::string& text) {
-  AtomicFileWriter writer(path);
-  writer.write(std::as_bytes(std::span<const char>(text.data(), text.size())));
-  writer.commit();
-}
-
 }  // namespace
 
 void save_peft_adapter(const std::filesystem::path& dir, const PeftAdapter& adapter) {
@@ -113,7 +107,7 @@ void save_peft_adapter(const std::filesystem::path& dir, const PeftAdapter& adap
 
   std::filesystem::create_directories(dir);
   tensors.write(dir / "adapter_model.safetensors");
-  write_text_atomic(dir / "adapter_config.json", config.dump(2) + "\n");
+  write_text_file_atomic(dir / "adapter_config.json", config.dump(2) + "\n");
 }
 
 PeftAdapter load_peft_adapter(const std::filesystem::path& dir) {

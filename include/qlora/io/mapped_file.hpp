@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <span>
 #include <string>
+#include <string_view>
 
 namespace qlora {
 
@@ -68,5 +69,12 @@ class AtomicFileWriter {
   int fd_ = -1;
   std::size_t position_ = 0;
 };
+
+/// Writes `text` to `path` through an AtomicFileWriter.
+void write_text_file_atomic(const std::filesystem::path& path, std::string_view text);
+
+/// Reads a whole file as text. Throws qlora::IoError naming `op` and the path when it cannot
+/// be read.
+std::string read_text_file(const std::filesystem::path& path, std::string_view op);
 
 }  // namespace qlora

@@ -7,7 +7,7 @@
 // together they must tile the data buffer from 0 to its end with no gap or overlap. Tensors of dtype F32, F16 and BF16 convert to fp32; other dtypes open but
 // throw qlora::NotImplemented when converted. SafetensorsCheckpoint opens a single file or a
 // directory holding `model.safetensors` or a sharded checkpoint indexed by
-// `model.safetensors.index.json`. SafetensorsWriter writes F32, F16 or BF16 tensors atomically
+// `model.safetensors.index.json`. SafetensorsWriter writes F32, F16, BF16 or I32 tensors atomically
 // with the `__metadata__` {"format": "pt"} that PEFT and transformers expect.
 #pragma once
 
@@ -70,6 +70,9 @@ class SafetensorsFile {
    */
   RowMatrixF to_matrix(const SafetensorsTensor& tensor) const;
   RowMatrixF to_matrix(std::string_view name) const { return to_matrix(tensor(name)); }
+
+  /// The values of an I32 tensor; throws qlora::FormatError naming it for any other dtype.
+  std::vector<std::int32_t> to_int32(const SafetensorsTensor& tensor) const;
 
  private:
   MappedFile file_;
@@ -141,6 +144,10 @@ class SafetensorsWriter {
   void add(std::string_view name, std::span<const std::int64_t> shape,
            std::span<const float> values, SafetensorsDtype dtype = SafetensorsDtype::f32);
 
+  /// Adds an I32 tensor (token ids, for example), stored exactly.
+  void add_int32(std::string_view name, std::span<const std::int64_t> shape,
+                 std::span<const std::int32_t> values);
+
   /// Adds a matrix as a 2-D tensor [rows, cols].
   void add(std::string_view name, const ConstRefRowMatrixF& matrix,
            SafetensorsDtype dtype = SafetensorsDtype::f32);
@@ -149,6 +156,9 @@ class SafetensorsWriter {
   void write(const std::filesystem::path& path) const;
 
  private:
+  void check_new_tensor(std::string_view name, std::span<const std::int64_t> shape,
+                        std::size_t n_values) const;
+
   struct PendingTensor {
     std::string dtype;
     std::vector<std::int64_t> shape;
