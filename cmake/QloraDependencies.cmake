@@ -41,3 +41,8 @@ if(QLORA_BUILD_BENCHMARKS)
   find_path(QLORA_CBLAS_INCLUDE_DIR cblas.h PATH_SUFFIXES openblas openblas-pthread)
   qlora_require(QLORA_CBLAS_INCLUDE_DIR "cblas.h (OpenBLAS)" libopenblas-dev)
 endif()
+
+if(QLORA_WITH_MPI)
+  find_package(MPI QUIET COMPONENTS CXX)
+  qlora_require(MPI_CXX_FOUND "MPI for C++" "libopenmpi-dev openmpi-bin")
+endif()

@@ -1,16 +1,24 @@
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "commands.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/threads.hpp"
+#include "qlora/dist/communicator.hpp"
+#include "qlora/io/mapped_file.hpp"
 #include "qlora/train/data.hpp"
 #include "qlora/train/trainer.hpp"
+#if defined(QLORA_WITH_MPI)
+#include "qlora/dist/mpi_communicator.hpp"
+#endif
 
 namespace qlora::cli {
 namespace {
@@ -82,9 +90,31 @@ void check_targets(LlamaModel& model, const LoraConfig& lora) {
   }
 }
 
-}  // namespace
+// Hashes the model file, or every file of a Hugging Face model folder in name order, so that
+// the ranks of a data-parallel job can check that they hold the same model.
+std::uint64_t hash_model_files(const std::filesystem::path& model) {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> files;
+  if (fs::is_directory(model)) {
+    for (const auto& entry : fs::directory_iterator(model)) {
+      if (entry.is_regular_file()) files.push_back(entry.path());
+    }
+    std::sort(files.begin(), files.end());
+  } else {
+    files.push_back(model);
+  }
+  std::uint64_t h = 0;
+  for (const fs::path& file : files) {
+    const std::string name = file.filename().string();
+    h = hash_bytes(std::as_bytes(std::span(name.data(), name.size())), h);
+    if (fs::file_size(file) > 0) h = hash_bytes(MappedFile(file).bytes(), h);
+  }
+  return h;
+}
 
-int run_finetune(const FinetuneOptions& o) {
+int run_finetune_on(const FinetuneOptions& o, Communicator& comm) {
+  // Rank 0 alone prints progress and writes the final adapter, but every rank trains.
+  const bool root = comm.is_root();
   if (o.threads > 0) set_num_threads(o.threads);
   const QuantConfig quant = o.quant.to_config();
   const ModelSource source(o.model);
@@ -116,8 +146,10 @@ int run_finetune(const FinetuneOptions& o) {
   const std::int32_t pad = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : tokenizer.eos_id();
   std::vector<PackedRow> train_rows = pack_documents(train_docs, o.seq_len, pad);
   std::vector<PackedRow> eval_rows = pack_documents(eval_docs, o.seq_len, pad);
-  fmt::print(stderr, "data: {} training documents in {} rows of {} tokens, {} held-out rows\n",
-             train_docs.size(), train_rows.size(), o.seq_len, eval_rows.size());
+  if (root) {
+    fmt::print(stderr, "data: {} training documents in {} rows of {} tokens, {} held-out rows\n",
+               train_docs.size(), train_rows.size(), o.seq_len, eval_rows.size());
+  }
 
   // Model and adapter.
   LlamaLoadOptions load;
@@ -127,15 +159,21 @@ int run_finetune(const FinetuneOptions& o) {
   check_targets(model, lora);
   if (lora.init == LoraInit::loftq) {
     const LoftqSummary s = add_loftq_adapter(model, source, "default", lora);
-    fmt::print(stderr, "LoftQ on {} projections: quantization error {:.4g} -> {:.4g} ({:.1f}% removed)\n",
-               s.n_projections, s.qlora_error, s.loftq_error,
-               100.0 * (1.0 - s.loftq_error / s.qlora_error));
+    if (root) {
+      fmt::print(stderr,
+                 "LoftQ on {} projections: quantization error {:.4g} -> {:.4g} ({:.1f}% removed)\n",
+                 s.n_projections, s.qlora_error, s.loftq_error,
+                 100.0 * (1.0 - s.loftq_error / s.qlora_error));
+    }
   } else {
     model.add_adapter("default", lora, o.seed);
   }
-  fmt::print(stderr, "model: {} layers, {} projections quantized to {} in {:.1f} s\n",
-             config.num_hidden_layers, model.projections().size(), o.quant.format,
-             std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
+  if (root) {
+    const auto load_time = std::chrono::steady_clock::now() - load_start;
+    fmt::print(stderr, "model: {} layers, {} projections quantized to {} in {:.1f} s\n",
+               config.num_hidden_layers, model.projections().size(), o.quant.format,
+               std::chrono::duration<double>(load_time).count());
+  }
 
   TrainerConfig tc;
   tc.batch_size = o.batch;
@@ -153,15 +191,26 @@ int run_finetune(const FinetuneOptions& o) {
   tc.output_dir = o.output;
   tc.seed = o.seed;
   tc.gradient_checkpointing = o.checkpointing;
+  tc.communicator = &comm;
+  if (comm.size() > 1) {
+    tc.model_fingerprint = hash_model_files(o.model);
+    if (root) {
+      fmt::print(stderr, "data parallel: {} ranks, {} rows per step in all\n", comm.size(),
+                 comm.size() * o.batch * o.grad_accum);
+    }
+  }
   Trainer trainer(model, std::move(train_rows), std::move(eval_rows), tc);
   if (o.resume) trainer.resume(o.output);
 
   Progress progress(trainer.total_steps());
-  trainer.on_step = [&progress](const StepMetrics& m) { progress.step(m); };
-  trainer.on_eval = [&progress](const EvalMetrics& e) { progress.eval(e); };
+  if (root) {
+    trainer.on_step = [&progress](const StepMetrics& m) { progress.step(m); };
+    trainer.on_eval = [&progress](const EvalMetrics& e) { progress.eval(e); };
+  }
   if (!o.resume) trainer.evaluate();
   while (!trainer.done()) trainer.step();
   trainer.write_loss_curve();
+  if (!root) return 0;
 
   // The final adapter, in PEFT's format with qlora's record of the base it was trained on.
   PeftAdapter adapter;
@@ -189,6 +238,36 @@ int run_finetune(const FinetuneOptions& o) {
              (std::filesystem::path(o.output) / "metrics.jsonl").string(),
              (std::filesystem::path(o.output) / "loss_curve.svg").string());
   return 0;
+}
+
+}  // namespace
+
+int run_finetune(const FinetuneOptions& o) {
+#if defined(QLORA_WITH_MPI)
+  if (MpiCommunicator::launched_by_mpi()) {
+    MpiCommunicator comm;
+    try {
+      return run_finetune_on(o, comm);
+    } catch (const RankMismatch& e) {
+      // Every rank raised the same error after comparing hashes, so rank 0 prints it once
+      // and every rank ends normally.
+      if (comm.is_root()) fmt::print(stderr, "\nqlora: error: {}\n", e.what());
+      return 1;
+    } catch (const TrainingDiverged& e) {
+      // Raised on every rank alike, because the loss and gradients are summed first.
+      if (comm.is_root()) fmt::print(stderr, "\nqlora: error: {}\n", e.what());
+      return 1;
+    } catch (const std::exception& e) {
+      // The other ranks may be waiting inside a collective for this one, so end them all.
+      std::fflush(stdout);
+      fmt::print(stderr, "\nqlora: error on rank {} of {}: {}\n", comm.rank(), comm.size(),
+                 e.what());
+      std::fflush(stderr);
+      comm.abort(1);
+    }
+  }
+#endif
+  return run_finetune_on(o, single_process_communicator());
 }
 
 }  // namespace qlora::cli

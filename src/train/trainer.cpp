@@ -1,6 +1,7 @@
 #include "qlora/train/trainer.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <fstream>
 #include <numeric>
@@ -41,18 +42,40 @@ std::vector<std::int64_t> epoch_order(std::size_t n_rows, std::uint64_t seed, st
   return order;
 }
 
-void write_text_atomic(const std::filesystem::path& path, const std::string& text) {
-  AtomicFileWriter writer(path);
-  writer.write(std::as_bytes(std::span<const char>(text.data(), text.size())));
-  writer.commit();
+std::uint64_t hash_quantized(const QuantizedMatrix& q, std::uint64_t h) {
+  h = mix_seed(h, static_cast<std::uint64_t>(q.format));
+  h = mix_seed(h, static_cast<std::uint64_t>(q.rows * 1000003 + q.cols));
+  h = mix_seed(h, static_cast<std::uint64_t>(q.block_size));
+  h = hash_values<std::uint8_t>(q.codes, h);
+  h = hash_values<float>(q.scales, h);
+  h = hash_values<float>(q.mins, h);
+  h = hash_values<std::uint8_t>(q.absmax_codes, h);
+  return hash_values<float>(q.nested_absmax, h);
 }
 
-std::string read_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) raise<IoError>("[Trainer::resume] cannot read {}", path.string());
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
+std::uint64_t hash_matrix(const RowMatrixF& m, std::uint64_t h) {
+  h = mix_seed(h, static_cast<std::uint64_t>(m.rows() * 1000003 + m.cols()));
+  return hash_values<float>(std::span<const float>(m.data(), static_cast<std::size_t>(m.size())),
+                            h);
+}
+
+// Hashes the settings that every rank must share. The thread count and the communicator may
+// differ between ranks.
+std::uint64_t hash_settings(const TrainerConfig& c) {
+  std::uint64_t h = 0;
+  for (const std::int64_t v : {c.batch_size, c.grad_accum, c.max_steps, c.warmup_steps,
+                               c.eval_every, c.save_every, c.eval_max_rows, c.replay_rows,
+                               static_cast<std::int64_t>(c.keep_checkpoints),
+                               static_cast<std::int64_t>(c.schedule),
+                               static_cast<std::int64_t>(c.gradient_checkpointing)}) {
+    h = mix_seed(h, static_cast<std::uint64_t>(v));
+  }
+  const std::array<double, 7> reals = {c.epochs,          c.lr,           c.adamw.beta1,
+                                       c.adamw.beta2,     c.adamw.eps,    c.adamw.weight_decay,
+                                       c.max_grad_norm};
+  h = hash_values<double>(reals, h);
+  const std::string text = c.output_dir.string() + '\n' + c.adapter_name;
+  return hash_bytes(std::as_bytes(std::span(text.data(), text.size())), h);
 }
 
 }  // namespace
@@ -63,6 +86,8 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
       train_rows_(std::move(train_rows)),
       eval_rows_(std::move(eval_rows)),
       config_(std::move(config)),
+      comm_(config_.communicator != nullptr ? *config_.communicator
+                                            : single_process_communicator()),
       optimizer_(config_.adamw) {
   QLORA_CHECK_ARG(!train_rows_.empty(), "[Trainer] no training rows (hint: the data file is "
                                         "empty or every document went to the held-out split)");
@@ -85,7 +110,8 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
 
   // Replayed rows do not consume the training set.
   const std::int64_t rows_per_step =
-      (config_.batch_size - config_.replay_rows) * config_.grad_accum;
+      (config_.batch_size - config_.replay_rows) * config_.grad_accum * comm_.size();
+  global_batch_rows_ = rows_per_step;
   total_steps_ = config_.max_steps > 0
                      ? config_.max_steps
                      : std::max<std::int64_t>(
@@ -99,7 +125,91 @@ Trainer::Trainer(LlamaModel& model, std::vector<PackedRow> train_rows,
     data_fingerprint_ =
         mix_seed(data_fingerprint_, static_cast<std::uint64_t>(config_.replay_rows));
   }
-  if (!config_.output_dir.empty()) std::filesystem::create_directories(config_.output_dir);
+  check_ranks_agree();
+  if (writes_files()) std::filesystem::create_directories(config_.output_dir);
+}
+
+void Trainer::check_ranks_agree() {
+  if (comm_.size() == 1) return;
+  struct Part {
+    const char* what;
+    const char* hint;
+    std::uint64_t hash;
+  };
+  std::uint64_t weights = 0;
+  for (const LlamaProjectionRef& ref : model_.projections()) {
+    if (ref.linear != nullptr) weights = hash_quantized(ref.linear->base(), weights);
+  }
+  std::uint64_t adapter = 0;
+  for (const ParamRef& p : trainable_params()) adapter = hash_matrix(*p.value, adapter);
+  const std::array<Part, 7> parts = {{
+      {"model file", "give every rank the same model file", config_.model_fingerprint},
+      {"quantized model weights", "give every rank the same model and quantization settings",
+       weights},
+      {"seed", "pass the same seed to every rank", config_.seed},
+      {"training settings", "pass the same options to every rank", hash_settings(config_)},
+      {"initial adapter", "use the same LoRA settings and seed on every rank", adapter},
+      {"training data", "give every rank the same data file and sequence length",
+       fingerprint_rows(train_rows_)},
+      {"held-out data", "give every rank the same data file and held-out fraction",
+       fingerprint_rows(eval_rows_)},
+  }};
+  std::array<std::uint64_t, parts.size()> mine{};
+  for (std::size_t i = 0; i < parts.size(); ++i) mine[i] = parts[i].hash;
+  const std::vector<std::uint64_t> all = comm_.all_gather(mine);
+
+  // All ranks gather the same hashes, so each raises the same error, naming the first part
+  // that differs. The seed comes before the adapter because the adapter is drawn from it.
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    std::vector<int> differing;
+    for (int r = 1; r < comm_.size(); ++r) {
+      if (all[static_cast<std::size_t>(r) * parts.size() + i] != all[i]) differing.push_back(r);
+    }
+    if (differing.empty()) continue;
+    const int r = differing.front();
+    raise<RankMismatch>(
+        "[Trainer] the ranks disagree on the {}: rank {} has hash {:016x}, rank 0 has {:016x} "
+        "({} of {} ranks differ from rank 0) (hint: {})",
+        parts[i].what, r, all[static_cast<std::size_t>(r) * parts.size() + i], all[i],
+        differing.size(), comm_.size(), parts[i].hint);
+  }
+}
+
+std::uint64_t Trainer::training_state_hash() {
+  std::uint64_t h = mix_seed(static_cast<std::uint64_t>(step_),
+                             static_cast<std::uint64_t>(optimizer_.step_count()));
+  h = mix_seed(h, static_cast<std::uint64_t>(epoch_ * 1000003 + cursor_));
+  for (const ParamRef& p : trainable_params()) h = hash_matrix(*p.value, h);
+  return h;
+}
+
+void Trainer::check_state_agrees(const char* op) {
+  if (comm_.size() == 1) return;
+  const std::uint64_t mine = training_state_hash();
+  const std::vector<std::uint64_t> all = comm_.all_gather(std::span(&mine, 1));
+  for (int r = 1; r < comm_.size(); ++r) {
+    if (all[static_cast<std::size_t>(r)] == all[0]) continue;
+    raise<RankMismatch>(
+        "[{}] the adapter or data position of rank {} differs from rank 0 at step {}: hash "
+        "{:016x} against {:016x} (hint: every rank must read the same checkpoint; on several "
+        "machines put the output folder on a shared file system)",
+        op, r, step_, all[static_cast<std::size_t>(r)], all[0]);
+  }
+}
+
+void Trainer::all_reduce_grads(const std::vector<ParamRef>& params) {
+  if (comm_.size() == 1) return;
+  std::size_t n = 0;
+  for (const ParamRef& p : params) n += static_cast<std::size_t>(p.grad->size());
+  grad_buffer_.resize(n);
+  float* flat = grad_buffer_.data();
+  for (const ParamRef& p : params) flat = std::copy_n(p.grad->data(), p.grad->size(), flat);
+  comm_.all_reduce_sum(std::span<float>(grad_buffer_));
+  const float* summed = grad_buffer_.data();
+  for (const ParamRef& p : params) {
+    std::copy_n(summed, p.grad->size(), p.grad->data());
+    summed += p.grad->size();
+  }
 }
 
 std::vector<ParamRef> Trainer::trainable_params() {
@@ -137,43 +247,88 @@ StepMetrics Trainer::step() {
   QLORA_CHECK_ARG(config_.replay_rows == 0 || replay_source,
                   "[Trainer::step] replay_rows is {} but no replay_source is set",
                   config_.replay_rows);
+  // With N ranks each micro-batch takes N shares of fresh rows from the order that every rank
+  // walks alike, and rank r keeps share r, so the data position stays the same everywhere.
+  // Replay draws are numbered by rank too, so the ranks replay different rows.
+  const std::int64_t fresh_rows = config_.batch_size - config_.replay_rows;
+  const auto rank = static_cast<std::uint64_t>(comm_.rank());
+  const auto n_ranks = static_cast<std::uint64_t>(comm_.size());
   for (std::size_t m = 0; m < micro_batches.size(); ++m) {
     auto& micro = micro_batches[m];
-    for (std::int64_t i = 0; i < config_.batch_size; ++i) {
-      const bool replayed = i >= config_.batch_size - config_.replay_rows;
-      const std::uint64_t draw =
-          (static_cast<std::uint64_t>(step_ * config_.grad_accum) + m) *
-              static_cast<std::uint64_t>(config_.batch_size) +
-          static_cast<std::uint64_t>(i);
-      const PackedRow& row = replayed ? replay_source(draw) : next_row();
-      micro.push_back(&row);
-      n_targets += row.n_targets;
-      n_inputs += static_cast<std::int64_t>(row.tokens.size());
+    for (std::int64_t i = 0; i < fresh_rows * comm_.size(); ++i) {
+      const PackedRow& row = next_row();
+      if (i / fresh_rows == comm_.rank()) micro.push_back(&row);
+    }
+    const std::uint64_t micro_index = static_cast<std::uint64_t>(step_ * config_.grad_accum) + m;
+    for (std::int64_t i = fresh_rows; i < config_.batch_size; ++i) {
+      const std::uint64_t draw = (micro_index * n_ranks + rank) *
+                                     static_cast<std::uint64_t>(config_.batch_size) +
+                                 static_cast<std::uint64_t>(i);
+      micro.push_back(&replay_source(draw));
+    }
+    for (const PackedRow* row : micro) {
+      n_targets += row->n_targets;
+      n_inputs += static_cast<std::int64_t>(row->tokens.size());
     }
   }
+  // The loss is normalised by the trained tokens of every rank and micro-batch, not per rank.
+  std::array<double, 2> counts = {static_cast<double>(n_targets), static_cast<double>(n_inputs)};
+  comm_.all_reduce_sum(std::span<double>(counts));
+  n_targets = static_cast<std::int64_t>(counts[0]);
+  n_inputs = static_cast<std::int64_t>(counts[1]);
 
   std::vector<ParamRef> params = trainable_params();
   model_.zero_grad();
   double loss_sum = 0.0;
+  std::int64_t bad_micro_batch = -1;
   const float loss_scale = n_targets > 0 ? 1.0f / static_cast<float>(n_targets) : 0.0f;
   for (std::size_t m = 0; m < micro_batches.size(); ++m) {
     const LlamaBatch batch = make_batch(micro_batches[m]);
     LlamaTrainState state;
+    // Each micro-batch and rank draws its own dropout masks. With one rank the index is the
+    // same as without data parallelism, so single-process runs are unchanged.
     const std::uint64_t micro_index =
-        static_cast<std::uint64_t>(step_ * config_.grad_accum) + static_cast<std::uint64_t>(m);
+        (static_cast<std::uint64_t>(step_ * config_.grad_accum) + static_cast<std::uint64_t>(m)) *
+            n_ranks +
+        rank;
     const LlamaLoss loss =
         model_.forward(batch, state,
                        {.gradient_checkpointing = config_.gradient_checkpointing,
                         .dropout = true,
                         .dropout_seed = mix_seed(config_.seed, micro_index)});
+    // A non-finite loss is raised after the collectives below, so that every rank raises it
+    // instead of leaving the others waiting.
     if (!std::isfinite(loss.sum)) {
-      raise<TrainingDiverged>(
-          "[Trainer::step] the loss is {} at step {} (micro-batch {}); the last checkpoint in "
-          "{} is unchanged (hint: lower the learning rate or enable clipping)",
-          loss.sum, step_ + 1, m, config_.output_dir.string());
+      if (bad_micro_batch < 0) bad_micro_batch = static_cast<std::int64_t>(m);
+      loss_sum += loss.sum;
+      continue;
     }
     loss_sum += loss.sum;
     if (loss.n_tokens > 0) model_.backward(state, loss_scale);
+  }
+
+  // One all-reduce of every adapter gradient per step, then the loss sum in double.
+  // NOTE: the all-reduce blocks and starts after the whole backward pass. Overlapping it with
+  // backward would hide its time on slow networks.
+  all_reduce_grads(params);
+  std::array<double, 2> sums = {loss_sum, bad_micro_batch >= 0 ? 1.0 : 0.0};
+  comm_.all_reduce_sum(std::span<double>(sums));
+  loss_sum = sums[0];
+  if (sums[1] > 0.0 || !std::isfinite(loss_sum)) {
+    // Every rank takes this branch, so one more collective finds the rank to name.
+    const auto mine = static_cast<std::uint64_t>(bad_micro_batch + 1);
+    const std::vector<std::uint64_t> bad = comm_.all_gather(std::span(&mine, 1));
+    std::string where = "in the sum over ranks";
+    for (std::size_t r = 0; r < bad.size(); ++r) {
+      if (bad[r] > 0) {
+        where = fmt::format("micro-batch {} on rank {}", bad[r] - 1, r);
+        break;
+      }
+    }
+    raise<TrainingDiverged>(
+        "[Trainer::step] the loss is {} at step {} ({}); the last checkpoint in {} is unchanged "
+        "(hint: lower the learning rate or enable clipping)",
+        loss_sum, step_ + 1, where, config_.output_dir.string());
   }
   const double penalty = regularizer ? regularizer() : 0.0;
   if (!std::isfinite(penalty)) {
@@ -237,16 +392,25 @@ EvalMetrics Trainer::evaluate() {
   if (config_.eval_max_rows > 0) {
     n_rows = std::min(n_rows, static_cast<std::size_t>(config_.eval_max_rows));
   }
-  double sum = 0.0;
-  for (std::size_t begin = 0; begin < n_rows; begin += static_cast<std::size_t>(config_.batch_size)) {
+  // Rank r evaluates batches r, r + N, r + 2N and so on, and the sums are then reduced.
+  std::array<double, 2> sums = {0.0, 0.0};
+  std::size_t batch_index = 0;
+  for (std::size_t begin = 0; begin < n_rows;
+       begin += static_cast<std::size_t>(config_.batch_size), ++batch_index) {
+    if (batch_index % static_cast<std::size_t>(comm_.size()) !=
+        static_cast<std::size_t>(comm_.rank())) {
+      continue;
+    }
     std::vector<const PackedRow*> rows;
     const std::size_t end = std::min(n_rows, begin + static_cast<std::size_t>(config_.batch_size));
     for (std::size_t i = begin; i < end; ++i) rows.push_back(&eval_rows_[i]);
     const LlamaLoss loss = model_.loss(make_batch(rows));
-    sum += loss.sum;
-    metrics.tokens += loss.n_tokens;
+    sums[0] += loss.sum;
+    sums[1] += static_cast<double>(loss.n_tokens);
   }
-  metrics.loss = metrics.tokens > 0 ? sum / static_cast<double>(metrics.tokens) : 0.0;
+  comm_.all_reduce_sum(std::span<double>(sums));
+  metrics.tokens = static_cast<std::int64_t>(sums[1]);
+  metrics.loss = metrics.tokens > 0 ? sums[0] / static_cast<double>(metrics.tokens) : 0.0;
   metrics.perplexity = std::exp(metrics.loss);
   eval_history_.push_back(metrics);
   append_metrics(nlohmann::json{{"type", "eval"},
@@ -260,7 +424,7 @@ EvalMetrics Trainer::evaluate() {
 }
 
 void Trainer::append_metrics(const std::string& json_line) {
-  if (config_.output_dir.empty()) return;
+  if (!writes_files()) return;
   std::ofstream out(config_.output_dir / "metrics.jsonl", std::ios::app);
   out << json_line << '\n';
   if (!out) {
@@ -275,6 +439,14 @@ std::filesystem::path Trainer::save_checkpoint() {
   namespace fs = std::filesystem;
   const std::string name = fmt::format("checkpoint-{}", step_);
   const fs::path final_dir = config_.output_dir / name;
+  // Every rank must hold what rank 0 is about to save. The other ranks then wait until the
+  // checkpoint is complete. If rank 0 fails while writing they keep waiting, so a
+  // multi-process program must end the job on an error (the CLI calls MPI_Abort).
+  check_state_agrees("Trainer::save_checkpoint");
+  if (!comm_.is_root()) {
+    comm_.barrier();
+    return final_dir;
+  }
   const fs::path temp_dir = config_.output_dir / ("." + name + ".tmp");
   fs::remove_all(temp_dir);
   fs::create_directories(temp_dir);
@@ -306,12 +478,14 @@ std::filesystem::path Trainer::save_checkpoint() {
                                 {"optimizer_steps", optimizer_.step_count()},
                                 {"seed", config_.seed},
                                 {"data_fingerprint", data_fingerprint_},
-                                {"adapter_name", config_.adapter_name}};
-  write_text_atomic(temp_dir / "trainer_state.json", state.dump(2) + "\n");
+                                {"adapter_name", config_.adapter_name},
+                                {"world_size", comm_.size()},
+                                {"global_batch_rows", global_batch_rows_}};
+  write_text_file_atomic(temp_dir / "trainer_state.json", state.dump(2) + "\n");
 
   fs::remove_all(final_dir);
   fs::rename(temp_dir, final_dir);
-  write_text_atomic(config_.output_dir / "latest", name + "\n");
+  write_text_file_atomic(config_.output_dir / "latest", name + "\n");
 
   // Keep the newest checkpoints only.
   std::vector<std::pair<std::int64_t, fs::path>> checkpoints;
@@ -329,6 +503,7 @@ std::filesystem::path Trainer::save_checkpoint() {
   const auto keep = static_cast<std::size_t>(std::max(1, config_.keep_checkpoints));
   for (std::size_t i = 0; i + keep < checkpoints.size(); ++i) fs::remove_all(checkpoints[i].second);
   QLORA_LOG_INFO("saved {}", final_dir.string());
+  comm_.barrier();
   return final_dir;
 }
 
@@ -336,7 +511,7 @@ void Trainer::resume(const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
   fs::path checkpoint = dir;
   if (fs::exists(dir / "latest")) {
-    std::string name = read_text(dir / "latest");
+    std::string name = read_text_file(dir / "latest", "Trainer::resume");
     while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
     checkpoint = dir / name;
   }
@@ -347,10 +522,27 @@ void Trainer::resume(const std::filesystem::path& dir) {
   }
   nlohmann::json state;
   try {
-    state = nlohmann::json::parse(read_text(checkpoint / "trainer_state.json"));
+    state = nlohmann::json::parse(read_text_file(checkpoint / "trainer_state.json", "Trainer::resume"));
   } catch (const nlohmann::json::exception& e) {
     raise<FormatError>("[Trainer::resume] {}: invalid JSON: {}",
                        (checkpoint / "trainer_state.json").string(), e.what());
+  }
+  // Checkpoints from before data parallelism lack these fields, but the fingerprint below
+  // still covers their batch settings.
+  if (state.contains("global_batch_rows")) {
+    const auto saved_rows = state.at("global_batch_rows").get<std::int64_t>();
+    const auto saved_ranks = state.value("world_size", std::int64_t{1});
+    QLORA_CHECK_ARG(saved_rows == global_batch_rows_,
+                    "[Trainer::resume] {} was written by {} ranks taking {} training rows per "
+                    "step, but this run has {} ranks taking {} (hint: resume with {} ranks and "
+                    "the original batch settings, or choose a batch size so that ranks x "
+                    "batch size x gradient accumulation gives {} training rows again)",
+                    checkpoint.string(), saved_ranks, saved_rows, comm_.size(),
+                    global_batch_rows_, saved_ranks, saved_rows);
+    if (saved_ranks != comm_.size()) {
+      QLORA_LOG_INFO("resuming a {}-rank checkpoint on {} ranks with the same {} rows per step",
+                     saved_ranks, comm_.size(), saved_rows);
+    }
   }
   const auto fingerprint = state.at("data_fingerprint").get<std::uint64_t>();
   QLORA_CHECK_ARG(fingerprint == data_fingerprint_,
@@ -380,11 +572,14 @@ void Trainer::resume(const std::filesystem::path& dir) {
   epoch_ = state.at("epoch").get<std::int64_t>();
   cursor_ = state.at("cursor").get<std::int64_t>();
   order_ = epoch_order(train_rows_.size(), config_.seed, epoch_);
-  QLORA_LOG_INFO("resumed from {} at step {}", checkpoint.string(), step_);
+  // NOTE: every rank reads the checkpoint itself, so on several machines the output folder
+  // must be on a shared file system. The check below catches ranks that read different ones.
+  check_state_agrees("Trainer::resume");
+  if (comm_.is_root()) QLORA_LOG_INFO("resumed from {} at step {}", checkpoint.string(), step_);
 }
 
 void Trainer::write_loss_curve() const {
-  if (config_.output_dir.empty() || history_.empty()) return;
+  if (!writes_files() || history_.empty()) return;
   constexpr double kWidth = 720, kHeight = 420, kLeft = 70, kRight = 20, kTop = 30, kBottom = 50;
   double max_loss = 0.0, min_loss = 1e300;
   for (const auto& m : history_) {
@@ -451,7 +646,7 @@ void Trainer::write_loss_curve() const {
       "<text x=\"{0}\" y=\"20\" fill=\"#1f77b4\">training loss</text><text x=\"{1}\" y=\"20\" "
       "fill=\"#d62728\">held-out loss</text>\n</svg>\n",
       kLeft, kLeft + 120);
-  write_text_atomic(config_.output_dir / "loss_curve.svg", svg);
+  write_text_file_atomic(config_.output_dir / "loss_curve.svg", svg);
 }
 
 }  // namespace qlora
