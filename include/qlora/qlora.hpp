@@ -30,3 +30,8 @@
 #include "qlora/train/data.hpp"
 #include "qlora/train/optimizer.hpp"
 #include "qlora/train/trainer.hpp"
+#include "qlora/continual/learner.hpp"
+#include "qlora/continual/merge.hpp"
+#include "qlora/continual/olora.hpp"
+#include "qlora/continual/replay.hpp"
+#include "qlora/continual/report.hpp"

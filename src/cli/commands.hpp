@@ -104,7 +104,69 @@ struct MergeOptions {
   int threads = 0;
 };
 
+/// `qlora continual learn`: one more task into a run folder.
+struct ContinualOptions {
+  std::string model;
+  std::string data;
+  std::string run;
+  std::string task;
+  std::string control;
+  std::string method = "continual";
+  std::string policy = "per-task";
+  std::string inference = "sum-all";
+  float olora = -1.0f;  ///< < 0: off
+  std::int64_t replay_windows = 0;
+  double replay_fraction = 0.25;
+  bool replay_per_task = false;
+  QuantOptions quant;
+  int rank = 16;
+  float alpha = 32.0f;
+  float dropout = 0.0f;
+  std::string targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+  float lr = 1e-3f;
+  std::string schedule = "constant";
+  std::int64_t warmup = 4;
+  std::int64_t steps = 0;
+  double epochs = 1.0;
+  std::int64_t seq_len = 128;
+  std::int64_t batch = 4;
+  std::int64_t grad_accum = 1;
+  double eval_fraction = 0.1;
+  std::int64_t eval_max_tokens = 0;
+  std::string separator;
+  int threads = 0;
+  std::uint64_t seed = 42;
+};
+
+/// `qlora continual merge`: several task adapters of a run into one PEFT adapter.
+struct ContinualMergeOptions {
+  std::string model;
+  std::string run;
+  std::string tasks;  ///< comma-separated; empty: every adapter of the bank
+  std::string method = "concat";
+  std::string weights;
+  float density = 1.0f;
+  int rank = 0;
+  std::uint64_t seed = 0;
+  std::string output;
+  int threads = 0;
+};
+
+/// `qlora continual route`: which task's adapter fits a prompt best.
+struct ContinualRouteOptions {
+  std::string model;
+  std::string run;
+  std::string prompt;
+  int prefix_tokens = 32;
+  int threads = 0;
+};
+
 int run_finetune(const FinetuneOptions& options);
+int run_continual_merge(const ContinualMergeOptions& options);
+int run_continual_route(const ContinualRouteOptions& options);
+int run_continual_learn(const ContinualOptions& options);
+int run_continual_report(const std::string& run, bool json);
+int run_continual_clear_replay(const std::string& run);
 int run_eval(const EvalOptions& options);
 int run_generate(const GenerateOptions& options);
 int run_export(const ExportOptions& options);

@@ -140,6 +140,100 @@ int main(int argc, char** argv) {
   exporter->add_option("-o,--output", ex.output, "Output folder (peft) or file (gguf)")->required();
   exporter->add_option("--model", ex.model, "Base model, needed for --format gguf");
 
+  qlora::cli::ContinualOptions cl;
+  CLI::App* continual_cmd =
+      app.add_subcommand("continual", "Learn task after task without forgetting");
+  continual_cmd->require_subcommand(1);
+  CLI::App* learn = continual_cmd->add_subcommand(
+      "learn", "Train one more task into a run folder, then evaluate every task");
+  learn->add_option("model", cl.model, "GGUF file or Hugging Face model folder")->required();
+  learn->add_option("data", cl.data, "The task's text (.txt) or JSONL (.jsonl)")->required();
+  learn->add_option("--run", cl.run, "Run folder: adapter bank, replay buffer, report")->required();
+  learn->add_option("--task", cl.task, "Task name (also its adapter's name)")->required();
+  learn->add_option("--control", cl.control,
+                    "Never-trained text whose drift is tracked (first task only)");
+  learn->add_option("--method", cl.method, "Label of the report")->capture_default_str();
+  learn->add_option("--policy", cl.policy, "per-task: a new adapter per task; shared: one adapter")
+      ->check(CLI::IsMember({"per-task", "shared"}))
+      ->capture_default_str();
+  learn->add_option("--inference", cl.inference,
+                    "sum-all: every adapter at once; oracle: each task's own adapter")
+      ->check(CLI::IsMember({"sum-all", "oracle"}))
+      ->capture_default_str();
+  learn->add_option("--olora", cl.olora, "O-LoRA orthogonality weight (per-task policy)")
+      ->check(CLI::NonNegativeNumber);
+  learn->add_option("--replay", cl.replay_windows, "Replay buffer size in windows (0: off)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  learn->add_option("--replay-fraction", cl.replay_fraction, "Share of each batch replayed")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
+  learn->add_flag("--replay-per-task", cl.replay_per_task, "Equal buffer quota for every task");
+  add_quant_options(learn, cl.quant);
+  learn->add_option("--rank", cl.rank, "LoRA rank r")->check(CLI::PositiveNumber)->capture_default_str();
+  learn->add_option("--alpha", cl.alpha, "LoRA alpha")->capture_default_str();
+  learn->add_option("--dropout", cl.dropout, "LoRA dropout")->capture_default_str();
+  learn->add_option("--targets", cl.targets, "Modules: names, all-linear, or re:<regex>")
+      ->capture_default_str();
+  learn->add_option("--lr", cl.lr, "Learning rate")->capture_default_str();
+  learn->add_option("--schedule", cl.schedule, "Learning-rate schedule")
+      ->check(CLI::IsMember({"constant", "linear", "cosine"}))
+      ->capture_default_str();
+  learn->add_option("--warmup", cl.warmup, "Warm-up steps")->capture_default_str();
+  auto* learn_steps = learn->add_option("--steps", cl.steps, "Optimizer steps for this task");
+  learn->add_option("--epochs", cl.epochs, "Passes over the task when --steps is not set")
+      ->excludes(learn_steps)
+      ->capture_default_str();
+  learn->add_option("--seq-len", cl.seq_len, "Tokens per packed row")
+      ->check(CLI::Range(2, 1 << 20))
+      ->capture_default_str();
+  learn->add_option("--batch", cl.batch, "Rows per micro-batch")->check(CLI::PositiveNumber)->capture_default_str();
+  learn->add_option("--grad-accum", cl.grad_accum, "Micro-batches per step")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  learn->add_option("--eval-fraction", cl.eval_fraction, "Share of the task held out")
+      ->capture_default_str();
+  learn->add_option("--eval-max-tokens", cl.eval_max_tokens,
+                    "Cap on held-out tokens per task, first by content hash (0: all)")
+      ->capture_default_str();
+  learn->add_option("--separator", cl.separator, "Document separator line of .txt data (% for fortunes)");
+  learn->add_option("--threads", cl.threads, "Threads (0: all cores)");
+  learn->add_option("--seed", cl.seed, "Seed")->capture_default_str();
+  std::string report_run;
+  bool report_json = false;
+  CLI::App* report = continual_cmd->add_subcommand("report", "Print a run's forgetting report");
+  report->add_option("--run", report_run, "Run folder")->required();
+  report->add_flag("--json", report_json, "Print the JSON form");
+  qlora::cli::ContinualMergeOptions cm;
+  CLI::App* cmerge = continual_cmd->add_subcommand(
+      "merge", "Merge task adapters of a run into one PEFT adapter (or compress one)");
+  cmerge->add_option("model", cm.model, "The run's model")->required();
+  cmerge->add_option("--run", cm.run, "Run folder")->required();
+  cmerge->add_option("--tasks", cm.tasks, "Tasks to merge, comma-separated (default: all)");
+  cmerge->add_option("--method", cm.method, "concat (exact), svd, linear, ties, dare_linear, dare_ties")
+      ->check(CLI::IsMember({"concat", "svd", "linear", "ties", "dare_linear", "dare_ties"}))
+      ->capture_default_str();
+  cmerge->add_option("--weights", cm.weights, "One weight per task, comma-separated (default: 1)");
+  cmerge->add_option("--density", cm.density, "Share of entries kept by ties and dare_*")
+      ->capture_default_str();
+  cmerge->add_option("--rank", cm.rank, "Rank budget of the result (0: exact)")->capture_default_str();
+  cmerge->add_option("--seed", cm.seed, "Seed of DARE's drops")->capture_default_str();
+  cmerge->add_option("-o,--output", cm.output, "Output PEFT adapter folder")->required();
+  cmerge->add_option("--threads", cm.threads, "Threads (0: all cores)");
+  qlora::cli::ContinualRouteOptions cr;
+  CLI::App* croute = continual_cmd->add_subcommand(
+      "route", "Pick the task adapter with the lowest loss on a prompt's first tokens");
+  croute->add_option("model", cr.model, "The run's model")->required();
+  croute->add_option("--run", cr.run, "Run folder")->required();
+  croute->add_option("-p,--prompt", cr.prompt, "Text to route")->required();
+  croute->add_option("--prefix-tokens", cr.prefix_tokens, "Tokens scored (0: all)")
+      ->capture_default_str();
+  croute->add_option("--threads", cr.threads, "Threads (0: all cores)");
+  std::string clear_run;
+  CLI::App* clear = continual_cmd->add_subcommand(
+      "clear-replay", "Erase the stored training text of a run's replay buffer");
+  clear->add_option("--run", clear_run, "Run folder")->required();
+
   std::string info_path;
   CLI::App* info = app.add_subcommand("info", "Describe a model or an adapter");
   info->add_option("path", info_path, "GGUF file, model folder or adapter folder")->required();
@@ -158,6 +252,11 @@ int main(int argc, char** argv) {
     if (merge->parsed()) return qlora::cli::run_merge(mg);
     if (exporter->parsed()) return qlora::cli::run_export(ex);
     if (info->parsed()) return qlora::cli::run_info(info_path);
+    if (learn->parsed()) return qlora::cli::run_continual_learn(cl);
+    if (report->parsed()) return qlora::cli::run_continual_report(report_run, report_json);
+    if (clear->parsed()) return qlora::cli::run_continual_clear_replay(clear_run);
+    if (cmerge->parsed()) return qlora::cli::run_continual_merge(cm);
+    if (croute->parsed()) return qlora::cli::run_continual_route(cr);
   } catch (const qlora::Error& e) {
     std::fflush(stdout);
     fmt::print(stderr, "\nqlora: error: {}\n", e.what());

@@ -1,5 +1,6 @@
 #include "qlora/train/data.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -183,6 +184,25 @@ void split_documents(std::vector<Document> documents, const DataOptions& options
     const double u = static_cast<double>(h >> 11) * 0x1p-53;
     (u < options.eval_fraction ? eval : train).push_back(std::move(doc));
   }
+}
+
+std::vector<Document> first_documents_by_hash(std::vector<Document> documents,
+                                              std::int64_t max_tokens) {
+  QLORA_CHECK_ARG(max_tokens >= 0, "[first_documents_by_hash] max_tokens must be >= 0: got {}",
+                  max_tokens);
+  std::stable_sort(documents.begin(), documents.end(), [](const Document& a, const Document& b) {
+    return a.content_hash < b.content_hash;
+  });
+  if (max_tokens == 0) return documents;
+  std::int64_t total = 0;
+  std::size_t keep = 0;
+  while (keep < documents.size() &&
+         total + static_cast<std::int64_t>(documents[keep].ids.size()) <= max_tokens) {
+    total += static_cast<std::int64_t>(documents[keep].ids.size());
+    ++keep;
+  }
+  documents.resize(keep);
+  return documents;
 }
 
 std::vector<PackedRow> pack_documents(const std::vector<Document>& documents,

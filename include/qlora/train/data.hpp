@@ -54,6 +54,12 @@ std::vector<Document> load_documents(const std::filesystem::path& path,
 void split_documents(std::vector<Document> documents, const DataOptions& options,
                      std::vector<Document>& train, std::vector<Document>& eval);
 
+/// Keeps documents in the order of their content hash until `max_tokens` tokens are reached
+/// (the document that crosses the limit is dropped); 0 keeps all, in hash order. Held-out
+/// sets capped this way stay the same when documents are added elsewhere or reordered.
+std::vector<Document> first_documents_by_hash(std::vector<Document> documents,
+                                              std::int64_t max_tokens);
+
 /// A packed row of seq_len tokens with next-token targets (kIgnoreIndex where no loss).
 struct PackedRow {
   std::vector<std::int32_t> tokens;
