@@ -3,9 +3,11 @@
 // matrix of the same shape with Eigen and with OpenBLAS (cblas_sgemm), and a memory read
 // bandwidth probe. All of them run on qlora::num_threads() threads (OMP_NUM_THREADS).
 //
-// Names: dequant_matmul[_backward]/<format>/<isa>/M=..,N=..,K=.., sgemm_eigen/M=..,N=..,K=..,
-// sgemm_openblas/..., read_bandwidth/MiB=... Counters: GFLOP/s (2 M N K per call) and, for the
-// quantized kernels, weight_GB/s (codes, scales and mins read per call).
+// Names: dequant_matmul[_backward]/<format>/<isa>/M=..,N=..,K=.. (fp32 activations),
+// dequant_matmul_q8/<format>/<isa>/M=.. (activations quantized to int8, integer dot products),
+// sgemm_eigen/M=..,N=..,K=.., sgemm_openblas/..., read_bandwidth/MiB=... Counters: GFLOP/s
+// (2 M N K per call) and, for the quantized kernels, weight_GB/s (codes, scales and mins read
+// per call).
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
@@ -64,6 +66,17 @@ constexpr Shape kShapes[] = {{576, 576},   {1536, 576},   {576, 1536},   {49152,
 // For M = 1 only: 4-bit weights of 128 MiB, several times a 32 MiB last-level cache.
 constexpr Shape kLargeShape = {65536, 4096};
 constexpr std::int64_t kBatchSizes[] = {1, 16, 128, 512};
+// The int8-activation path is measured up to M = 128, past its threshold
+// (qlora::kInt8ActivationMaxRows), to compare it with the fp32 GEMM on both sides of it.
+constexpr std::int64_t kInt8MaxBatch = 128;
+
+// Spot-check tolerances relative to sum |a * w|: fp32 kernels, and int8 activations (whose
+// rounding of x adds up to about max|x| / 254 per weight).
+constexpr double kFp32CheckTol = 1e-4;
+constexpr double kInt8CheckTol = 1e-2;
+
+/// The activation format of a forward benchmark.
+enum class Activations { fp32, int8 };
 
 /// Random codes, scales and mins of the right sizes; the values do not change the timing.
 QuantizedMatrix random_weight(const Format& format, std::int64_t N, std::int64_t K) {
@@ -151,7 +164,7 @@ float weight_at(const QuantizedMatrix& w, const std::vector<float>& scales, std:
  * to sum |a * w|; returns false and reports the first mismatch.
  */
 bool spot_check(const QuantizedMatrix& w, bool backward, const std::vector<float>& a,
-                std::int64_t M, const std::vector<float>& c) {
+                std::int64_t M, const std::vector<float>& c, double tolerance) {
   std::vector<float> scales = w.scales;
   if (w.double_quant) {
     scales.resize(w.absmax_codes.size());
@@ -174,7 +187,7 @@ bool spot_check(const QuantizedMatrix& w, bool backward, const std::vector<float
       mag += std::abs(term);
     }
     const double got = c[static_cast<std::size_t>(m * out_cols + j)];
-    if (std::abs(got - sum) > 1e-4 * mag) {
+    if (std::abs(got - sum) > tolerance * mag) {
       std::fprintf(stderr, "mismatch at [%ld, %ld]: got %g, expected %g\n", static_cast<long>(m),
                    static_cast<long>(j), got, sum);
       return false;
@@ -192,7 +205,7 @@ void set_counters(benchmark::State& state, double flops, double bytes) {
 }
 
 void bench_dequant_matmul(benchmark::State& state, const Format& format, Isa isa, Shape shape,
-                          std::int64_t M, bool backward) {
+                          std::int64_t M, bool backward, Activations activations) {
   const QuantizedMatrix& w = cached_weight(format, shape);
   const std::int64_t in_cols = backward ? shape.N : shape.K;
   const std::int64_t out_cols = backward ? shape.K : shape.N;
@@ -201,12 +214,15 @@ void bench_dequant_matmul(benchmark::State& state, const Format& format, Isa isa
   const auto call = [&] {
     if (backward) {
       qlora::detail::dequant_matmul_backward(isa, a.data(), M, w, c.data(), false);
+    } else if (activations == Activations::int8) {
+      qlora::detail::dequant_matmul_int8(isa, a.data(), M, w, c.data(), false);
     } else {
       qlora::detail::dequant_matmul(isa, a.data(), M, w, c.data(), false);
     }
   };
   call();
-  if (!spot_check(w, backward, a, M, c)) {
+  const double tolerance = activations == Activations::int8 ? kInt8CheckTol : kFp32CheckTol;
+  if (!spot_check(w, backward, a, M, c, tolerance)) {
     state.SkipWithError("result differs from the reference decoder");
     return;
   }
@@ -295,7 +311,14 @@ void register_all() {
               "{}/{}/{}/{}", backward ? "dequant_matmul_backward" : "dequant_matmul", format.name,
               qlora::to_string(isa), shape_name(M, shape));
           benchmark::RegisterBenchmark(name.c_str(), bench_dequant_matmul, format, isa, shape, M,
-                                       backward)
+                                       backward, Activations::fp32)
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
+          if (backward || isa == Isa::scalar || M > kInt8MaxBatch) continue;
+          const std::string q8_name = fmt::format("dequant_matmul_q8/{}/{}/{}", format.name,
+                                                  qlora::to_string(isa), shape_name(M, shape));
+          benchmark::RegisterBenchmark(q8_name.c_str(), bench_dequant_matmul, format, isa, shape,
+                                       M, false, Activations::int8)
               ->Unit(benchmark::kMillisecond)
               ->UseRealTime();
         }
@@ -307,6 +330,8 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // dequant_matmul/... measures the fp32 kernels whatever QLORA_INT8_ACT is set to.
+  qlora::set_int8_activations(false);
   register_all();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

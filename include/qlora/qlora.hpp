@@ -9,6 +9,7 @@
 #include "qlora/core/threads.hpp"
 #include "qlora/core/version.hpp"
 #include "qlora/dist/communicator.hpp"
+#include "qlora/kernels/gemm.hpp"
 #include "qlora/kernels/matmul.hpp"
 #include "qlora/model/llama.hpp"
 #include "qlora/io/ggml_types.hpp"

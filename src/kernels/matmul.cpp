@@ -1,9 +1,13 @@
 #include "qlora/kernels/matmul.hpp"
 
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
 #include <memory>
 #include <string_view>
 #include <vector>
 
+#include "dequant_matmul_q8.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/threads.hpp"
 #include "qlora/detail/dequant_matmul_kernels.hpp"
@@ -64,6 +68,35 @@ const DequantMatmulTable& dequant_matmul_table(Isa isa) {
       return kRefTable;
   }
 }
+
+/// Returns the q8 kernels for `isa`, or nullptr for scalar. AVX-512 without VNNI gets the AVX2
+/// q8 kernels, and NEON the dotprod variant when the CPU has it.
+const DequantMatmulQ8Table* q8_table(Isa isa) {
+  switch (isa) {
+#ifdef QLORA_HAVE_AVX2
+    case Isa::avx2:
+      return &avx2::kQ8Table;
+#endif
+#ifdef QLORA_HAVE_AVX512
+    case Isa::avx512:
+      if (cpu_features().avx512vnni) return &avx512::kQ8Table;
+#ifdef QLORA_HAVE_AVX2
+      return &avx2::kQ8Table;
+#else
+      return nullptr;
+#endif
+#endif
+#ifdef QLORA_HAVE_NEON
+    case Isa::neon:
+      return cpu_features().dotprod ? &neon::kQ8DotprodTable : &neon::kQ8Table;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+/// Returns the weights per step of the q8 kernels of `isa`; the block size must be a multiple.
+std::int64_t q8_step(Isa isa) { return isa == Isa::neon ? 16 : 32; }
 
 }  // namespace kernels
 
@@ -143,21 +176,34 @@ KernelFormat kernel_format(const QuantizedMatrix& w) {
   return KernelFormat::nf4;
 }
 
+/// Returns whether `isa` has q8 kernels for the block size of `w`.
+bool q8_supported(Isa isa, const QuantizedMatrix& w) {
+  return kernels::q8_table(isa) != nullptr && w.block_size % kernels::q8_step(isa) == 0 &&
+         w.block_size <= kernels::kQ8MaxBlockSize;
+}
+
+// The int8-activation setting: -1 until QLORA_INT8_ACT is read, then 0 (off) or 1 (on).
+std::atomic<int> g_int8_activations{-1};
+
+/// Reads QLORA_INT8_ACT: unset or "0" is off, "1" is on. Off is the default so that results
+/// match the fp32 kernels unless a caller opts in.
+bool int8_activations_from_env() {
+  const char* value = std::getenv("QLORA_INT8_ACT");
+  if (value == nullptr) return false;
+  const std::string_view text(value);
+  QLORA_CHECK_ARG(text == "0" || text == "1",
+                  "[dequant_matmul] invalid QLORA_INT8_ACT: got '{}', expected 0 or 1 (hint: 1 "
+                  "turns on int8 activations for small batches, 0 or unset keeps fp32)",
+                  text);
+  return text == "1";
+}
+
 enum class Direction { forward, backward };
 
-void run(Isa isa, Direction direction, const float* a, std::int64_t M, const QuantizedMatrix& w,
-         float* c, bool accumulate) {
-  const std::string_view op =
-      direction == Direction::forward ? "dequant_matmul" : "dequant_matmul_backward";
-  check_weight(op, w);
-  QLORA_CHECK_ARG(M >= 0, "[{}] row count must not be negative: got M={}", op, M);
-  if (M == 0) return;
-  QLORA_CHECK_ARG(a != nullptr && c != nullptr,
-                  "[{}] input or output pointer is null with M={} rows (hint: pass the "
-                  "activation and output buffers)",
-                  op, M);
-  const kernels::DequantMatmulTable& table = kernels::dequant_matmul_table(isa);
+/// The kernel path of one call.
+enum class Path { automatic, int8 };
 
+WeightView make_view(const QuantizedMatrix& w) {
   // Kernels decode double-quantized absmax per block (block_scale), so it is never expanded.
   WeightView view;
   view.codes = w.codes.data();
@@ -171,12 +217,48 @@ void run(Isa isa, Direction direction, const float* a, std::int64_t M, const Qua
   view.N = w.rows;
   view.K = w.cols;
   view.block_size = w.block_size;
+  return view;
+}
+
+void run(Isa isa, Direction direction, const float* a, std::int64_t M, const QuantizedMatrix& w,
+         float* c, bool accumulate, Path path = Path::automatic) {
+  const std::string_view op =
+      direction == Direction::forward ? "dequant_matmul" : "dequant_matmul_backward";
+  check_weight(op, w);
+  QLORA_CHECK_ARG(M >= 0, "[{}] row count must not be negative: got M={}", op, M);
+  if (path == Path::int8) {
+    QLORA_CHECK_ARG(q8_supported(isa, w),
+                    "[dequant_matmul_int8] no int8-activation kernel for this weight: got "
+                    "isa={}, block_size={}, expected a SIMD instruction set and a block size "
+                    "that is a multiple of {} and at most {} (hint: use dequant_matmul)",
+                    to_string(isa), w.block_size, kernels::q8_step(isa),
+                    kernels::kQ8MaxBlockSize);
+  }
+  if (M == 0) return;
+  QLORA_CHECK_ARG(a != nullptr && c != nullptr,
+                  "[{}] input or output pointer is null with M={} rows (hint: pass the "
+                  "activation and output buffers)",
+                  op, M);
+  const kernels::DequantMatmulTable& table = kernels::dequant_matmul_table(isa);
+  const WeightView view = make_view(w);
+  const auto index = static_cast<std::size_t>(kernel_format(w));
+
+  const bool use_q8 =
+      direction == Direction::forward &&
+      (path == Path::int8 || (M <= kInt8ActivationMaxRows && int8_activations() &&
+                              q8_supported(isa, w)));
+  if (use_q8) {
+    const std::int64_t bytes = kernels::dequant_matmul_q8_workspace_bytes(M, view);
+    const std::unique_ptr<std::byte[]> workspace(new std::byte[static_cast<std::size_t>(bytes)]);
+    kernels::q8_table(isa)->forward[index](a, M, view, c, accumulate, num_threads(),
+                                           workspace.get());
+    return;
+  }
 
   // Kernels initialize what they use, so the workspace is left uninitialized.
   const std::int64_t workspace_floats = kernels::dequant_matmul_workspace_floats(M, view);
   const std::unique_ptr<float[]> workspace(
       workspace_floats > 0 ? new float[static_cast<std::size_t>(workspace_floats)] : nullptr);
-  const auto index = static_cast<std::size_t>(kernel_format(w));
   const kernels::DequantMatmulFn kernel =
       direction == Direction::forward ? table.forward[index] : table.backward[index];
   kernel(a, M, view, c, accumulate, num_threads(), workspace.get());
@@ -196,6 +278,20 @@ void check_dense(std::string_view op, std::string_view name, std::int64_t outer_
 }
 
 }  // namespace
+
+void set_int8_activations(bool enabled) { g_int8_activations.store(enabled ? 1 : 0); }
+
+bool int8_activations() {
+  int state = g_int8_activations.load();
+  if (state < 0) {
+    const int from_env = int8_activations_from_env() ? 1 : 0;
+    // A concurrent set_int8_activations call wins over the environment.
+    int expected = -1;
+    g_int8_activations.compare_exchange_strong(expected, from_env);
+    state = g_int8_activations.load();
+  }
+  return state == 1;
+}
 
 void dequant_matmul(const float* x, std::int64_t M, const QuantizedMatrix& w, float* y,
                     bool accumulate) {
@@ -234,6 +330,11 @@ namespace detail {
 void dequant_matmul(Isa isa, const float* x, std::int64_t M, const QuantizedMatrix& w, float* y,
                     bool accumulate) {
   run(isa, Direction::forward, x, M, w, y, accumulate);
+}
+
+void dequant_matmul_int8(Isa isa, const float* x, std::int64_t M, const QuantizedMatrix& w,
+                         float* y, bool accumulate) {
+  run(isa, Direction::forward, x, M, w, y, accumulate, Path::int8);
 }
 
 void dequant_matmul_backward(Isa isa, const float* dy, std::int64_t M, const QuantizedMatrix& w,

@@ -5,6 +5,7 @@
 
 #include "qlora/core/error.hpp"
 #include "qlora/core/random.hpp"
+#include "qlora/kernels/gemm.hpp"
 #include "qlora/kernels/matmul.hpp"
 
 namespace qlora {
@@ -237,8 +238,9 @@ void QuantLoraLinear::forward(ConstRefRowMatrixF x, RefRowMatrixF y, bool accumu
       }
       if (a.pool_group_size > 0) input = pool_groups(input, a.pool_group_size);
 
-      RowMatrixF u = input * a.A.transpose();  // [M, r]
-      y_dense.noalias() += (a.scaling * u) * a.B.transpose();
+      RowMatrixF u(M, a.rank);  // [M, r] = input A^T
+      gemm_f32(input, Transpose::no, a.A, Transpose::yes, u);
+      gemm_f32(u, Transpose::no, a.B, Transpose::yes, y_dense, a.scaling, true);
       if (cache != nullptr) {
         entry.input = std::move(input);
         entry.u = std::move(u);
@@ -274,14 +276,21 @@ void QuantLoraLinear::backward(ConstRefRowMatrixF dy, const LoraLinearCache& cac
   for (const LoraLinearCache::AdapterCache& entry : cache.adapters) {
     LoraAdapter& a = adapter(entry.name);
     // du = s * dy B: the gradient at the adapter's rank-r bottleneck.
-    const RowMatrixF du = (a.scaling * dy_dense) * a.B;  // [M, r]
+    RowMatrixF du(M, a.rank);
+    gemm_f32(dy_dense, Transpose::no, a.B, Transpose::no, du, a.scaling);
     if (a.trainable) {
-      a.dB.noalias() += a.scaling * (dy_dense.transpose() * entry.u);  // [N, r]
-      a.dA.noalias() += du.transpose() * entry.input;                  // [r, in']
+      gemm_f32(dy_dense, Transpose::yes, entry.u, Transpose::no, a.dB, a.scaling, true);  // [N, r]
+      gemm_f32(du, Transpose::yes, entry.input, Transpose::no, a.dA, 1.0f, true);  // [r, in']
     }
     if (!want_dx) continue;
 
-    RowMatrixF d_input = du * a.A;  // [M, in'] gradient of the adapter input
+    // The gradient of the adapter input; without pooling or dropout it adds straight into dx.
+    if (a.pool_group_size == 0 && entry.mask.size() == 0) {
+      gemm_f32(du, Transpose::no, a.A, Transpose::no, dx_dense, 1.0f, true);
+      continue;
+    }
+    RowMatrixF d_input(M, a.A.cols());  // [M, in']
+    gemm_f32(du, Transpose::no, a.A, Transpose::no, d_input);
     if (a.pool_group_size > 0) {
       // Undo the average pooling: each of the g inputs gets 1/g of its group's gradient.
       const int g = a.pool_group_size;

@@ -9,6 +9,7 @@
 
 #include "llama_impl.hpp"
 #include "qlora/core/threads.hpp"
+#include "qlora/kernels/gemm.hpp"
 
 namespace qlora::detail {
 namespace {
@@ -112,13 +113,14 @@ void attention_forward(const LlamaLayerContext& context, const RowMatrixF& q,
     const std::int32_t* segments =
         context.segment_ids.empty() ? nullptr : context.segment_ids.data() + b * T;
 
-    // Scores, then probabilities, then the weighted sum of values.
-    RowMatrixF s = head_block(q, b * T, T, h, d.head_dim) *
-                   head_block(k, b * T, T, kv_head, d.head_dim).transpose();
-    s *= scale;
+    // Scores, then probabilities, then the weighted sum of values. gemm_f32 runs on this
+    // thread alone inside the parallel loop.
+    RowMatrixF s(T, T);
+    gemm_f32(head_block(q, b * T, T, h, d.head_dim), Transpose::no,
+             head_block(k, b * T, T, kv_head, d.head_dim), Transpose::yes, s, scale);
     masked_softmax(s, segments);
-    head_block(out, b * T, T, h, d.head_dim).noalias() =
-        s * head_block(v, b * T, T, kv_head, d.head_dim);
+    gemm_f32(s, Transpose::no, head_block(v, b * T, T, kv_head, d.head_dim), Transpose::no,
+             head_block(out, b * T, T, h, d.head_dim));
 
     if (probs != nullptr) {
       std::copy(s.data(), s.data() + T * T, probs->data() + task * T * T);
@@ -158,14 +160,16 @@ void attention_backward(const LlamaLayerContext& context, const RowMatrixF& q,
       const auto q_h = head_block(q, b * T, T, h, d.head_dim);
 
       // Through o = p v, then through the softmax: ds = p * (dp - rowsum(p * dp)).
-      dv_h.noalias() += p.transpose() * d_out_h;
-      RowMatrixF ds = d_out_h * v_h.transpose();
+      gemm_f32(p, Transpose::yes, d_out_h, Transpose::no, dv_h, 1.0f, true);
+      RowMatrixF ds(T, T);
+      gemm_f32(d_out_h, Transpose::no, v_h, Transpose::yes, ds);
       const VectorF row_dot = p.cwiseProduct(ds).rowwise().sum();
       ds = p.cwiseProduct(ds.colwise() - row_dot);
 
       // Through s = scale * q k^T.
-      head_block(dq, b * T, T, h, d.head_dim).noalias() = scale * (ds * k_h);
-      dk_h.noalias() += scale * (ds.transpose() * q_h);
+      gemm_f32(ds, Transpose::no, k_h, Transpose::no, head_block(dq, b * T, T, h, d.head_dim),
+               scale);
+      gemm_f32(ds, Transpose::yes, q_h, Transpose::no, dk_h, scale, true);
     }
   }
 }

@@ -2,8 +2,8 @@
 // cross-entropy loss with its gradient, computed in chunks of rows so that the full
 // [tokens, vocab] logits are never stored.
 //
-// The fp32 products split the vocabulary (forward) or the hidden columns (backward) into
-// fixed blocks, one thread per block, so results do not depend on the thread count.
+// The fp32 products go through qlora::gemm_f32, whose results do not depend on the thread
+// count.
 
 #include <algorithm>
 #include <cmath>
@@ -11,14 +11,15 @@
 
 #include "llama_impl.hpp"
 #include "qlora/core/threads.hpp"
+#include "qlora/kernels/gemm.hpp"
 #include "qlora/kernels/matmul.hpp"
 
 namespace qlora::detail {
 namespace {
 
-constexpr std::int64_t kVocabBlock = 2048;    // vocabulary rows per thread task (forward)
-constexpr std::int64_t kHiddenBlock = 64;     // hidden columns per thread task (backward)
-constexpr std::int64_t kLossChunkRows = 64;   // rows of logits alive at once in the loss
+// Rows of logits alive at once in the loss: 50 MB of fp32 logits for a 49,152-token
+// vocabulary. Fewer rows make the GEMM repack the whole table for less work per element.
+constexpr std::int64_t kLossChunkRows = 256;
 
 }  // namespace
 
@@ -29,16 +30,8 @@ void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& log
     dequant_matmul(x, *table.quantized, logits, false);
     return;
   }
-  const std::int64_t vocab = table.dense.rows();
-  logits.resize(x.rows(), vocab);
-  const std::int64_t n_blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
-
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (std::int64_t block = 0; block < n_blocks; ++block) {
-    const std::int64_t begin = block * kVocabBlock;
-    const std::int64_t n = std::min(kVocabBlock, vocab - begin);
-    logits.middleCols(begin, n).noalias() = x * table.dense.middleRows(begin, n).transpose();
-  }
+  logits.resize(x.rows(), table.dense.rows());
+  gemm_f32(x, Transpose::no, table.dense, Transpose::yes, logits);
 }
 
 void head_backward(const LlamaTable& table, ConstRefRowMatrixF d_logits, RowMatrixF& dx) {
@@ -48,16 +41,8 @@ void head_backward(const LlamaTable& table, ConstRefRowMatrixF d_logits, RowMatr
     dequant_matmul_backward(d_logits, *table.quantized, dx, false);
     return;
   }
-  const std::int64_t hidden = table.dense.cols();
-  dx.resize(d_logits.rows(), hidden);
-  const std::int64_t n_blocks = (hidden + kHiddenBlock - 1) / kHiddenBlock;
-
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (std::int64_t block = 0; block < n_blocks; ++block) {
-    const std::int64_t begin = block * kHiddenBlock;
-    const std::int64_t n = std::min(kHiddenBlock, hidden - begin);
-    dx.middleCols(begin, n).noalias() = d_logits * table.dense.middleCols(begin, n);
-  }
+  dx.resize(d_logits.rows(), table.dense.cols());
+  gemm_f32(d_logits, Transpose::no, table.dense, Transpose::no, dx);
 }
 
 LlamaLoss head_cross_entropy(const LlamaTable& table, const RowMatrixF& x,

@@ -9,6 +9,7 @@
 #include "llama_impl.hpp"
 #include "qlora/core/random.hpp"
 #include "qlora/core/threads.hpp"
+#include "qlora/kernels/gemm.hpp"
 
 namespace qlora::detail {
 namespace {
@@ -72,7 +73,7 @@ void linear_forward(const LlamaLinear& linear, ConstRefRowMatrixF x, RowMatrixF&
   // x [M, in], y [M, out]
   if (linear.is_dense()) {
     y.resize(x.rows(), linear.dense.rows());
-    y.noalias() = x * linear.dense.transpose();
+    gemm_f32(x, Transpose::no, linear.dense, Transpose::yes, y);
     return;
   }
   y.resize(x.rows(), linear.lora.out_features());
@@ -83,12 +84,8 @@ void linear_backward(LlamaLinear& linear, ConstRefRowMatrixF dy, const LoraLinea
                      RowMatrixF& dx, bool accumulate) {
   // dy [M, out], dx [M, in]
   if (linear.is_dense()) {
-    if (accumulate) {
-      dx.noalias() += dy * linear.dense;
-    } else {
-      dx.resize(dy.rows(), linear.dense.cols());
-      dx.noalias() = dy * linear.dense;
-    }
+    if (!accumulate) dx.resize(dy.rows(), linear.dense.cols());
+    gemm_f32(dy, Transpose::no, linear.dense, Transpose::no, dx, 1.0f, accumulate);
     return;
   }
   if (!accumulate) dx.resize(dy.rows(), linear.lora.in_features());

@@ -6,6 +6,10 @@
 // qlora::select_isa picks (QLORA_ISA forces one), on qlora::num_threads() OpenMP threads. Results
 // do not depend on the thread count. The weight is dequantized on the fly and never stored in
 // fp32, apart from tiles that fit in cache.
+//
+// Decoding (forward with few rows) can instead quantize the activations to int8 and use integer
+// dot products (see set_int8_activations). That path is off by default; the fp32 path is always
+// used for the backward product, for larger batches and for the scalar instruction set.
 #pragma once
 
 #include <cstdint>
@@ -44,11 +48,45 @@ void dequant_matmul(ConstRefRowMatrixF x, const QuantizedMatrix& w, RefRowMatrix
 void dequant_matmul_backward(ConstRefRowMatrixF dy, const QuantizedMatrix& w, RefRowMatrixF dx,
                              bool accumulate);
 
+/// The largest batch, in rows of x, for which dequant_matmul takes the int8-activation path.
+inline constexpr std::int64_t kInt8ActivationMaxRows = 16;
+
+/**
+ * Turns the int8-activation forward path on or off for the whole process, overriding the
+ * environment variable QLORA_INT8_ACT (1 on, 0 off; unset means off).
+ *
+ * When on, dequant_matmul with M <= kInt8ActivationMaxRows on a SIMD instruction set, and a
+ * block size that is a multiple of 32 (16 on NEON) and at most 4096, quantizes each block of x
+ * to int8 with scale max|x| / 127 and computes integer dot products with the weight codes
+ * (AVX-512 VNNI, AVX2, NEON dotprod or plain NEON).
+ *
+ * Error: the rounding of x changes each output by at most the sum over blocks b of
+ * (max|x_b| / 254) * sum_k |w_k - c_b|, where c_b is min + 8 * step (INT4) or min + 128 * step
+ * (INT8) for asymmetric formats and 0 otherwise. NF4 rounds its code book to multiples of 1/127,
+ * which adds up to absmax / 254 per weight. On Gaussian activations the relative RMS difference
+ * is about 0.4 % to 0.7 % (NF4 0.8 %), as measured by tests/kernels/dequant_matmul_int8_test.cpp. Results stay independent of the thread count, and
+ * each output row depends only on its own row of x. Turn it off when results must match the fp32
+ * kernels.
+ */
+void set_int8_activations(bool enabled);
+
+/// Returns whether the int8-activation path is on. The first call reads QLORA_INT8_ACT and
+/// throws qlora::InvalidArgument when it is set to anything other than 0 or 1.
+bool int8_activations();
+
 namespace detail {
 
 /// dequant_matmul with the kernels of `isa` instead of select_isa()'s, for tests and benchmarks.
 void dequant_matmul(Isa isa, const float* x, std::int64_t M, const QuantizedMatrix& w, float* y,
                     bool accumulate);
+
+/**
+ * dequant_matmul through the int8-activation kernels of `isa` for any M, whatever
+ * int8_activations() returns, for tests and benchmarks. Throws qlora::InvalidArgument when `isa`
+ * is scalar or the block size is not supported (see set_int8_activations).
+ */
+void dequant_matmul_int8(Isa isa, const float* x, std::int64_t M, const QuantizedMatrix& w,
+                         float* y, bool accumulate);
 
 /// dequant_matmul_backward with the kernels of `isa`.
 void dequant_matmul_backward(Isa isa, const float* dy, std::int64_t M, const QuantizedMatrix& w,

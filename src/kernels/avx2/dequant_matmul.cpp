@@ -4,10 +4,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 
+#include "../dequant_matmul_q8.hpp"
 #include "qlora/detail/dequant_matmul_kernels.hpp"
 #include "qlora/quant/tables.hpp"
 
@@ -89,5 +93,73 @@ struct Simd {
 };
 
 #include "../dequant_matmul_impl.inc"
+#include "../dequant_matmul_q8_impl.inc"
+
+/**
+ * The integer dot products of the q8 path (see dequant_matmul_q8_impl.inc), 32 weights per step.
+ * vpmaddubsw multiplies unsigned by signed bytes and saturates pairs at int16: 4-bit codes
+ * (u <= 15) go in unsigned, while 8-bit values c go in as |c| with the sign moved onto q
+ * (vpsignb), so a pair is at most 2 * 128 * 127 < 2^15. vpmaddwd then widens pairs to int32.
+ */
+struct Int8Dot {
+  using Acc = __m256i;
+  using FReg = __m256;
+  static constexpr std::int64_t kUnit = 32;
+
+  template <KernelFormat F>
+  static constexpr int kOffset = (F == KernelFormat::int4 || F == KernelFormat::int4_sym) ? 8 : 0;
+
+  /// A decoded step: `magnitude` is what vpmaddubsw reads unsigned; `sign` carries the sign of
+  /// 8-bit values (unused for 4-bit integer codes).
+  struct Weights {
+    __m256i magnitude;
+    __m256i sign;
+  };
+
+  static Acc acc_init(std::int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+
+  /// 16 bytes of 4-bit codes: the high nibbles (even elements) in bytes 0-15, the low nibbles
+  /// (odd elements) in bytes 16-31. Shifting 32-bit lanes moves bits of the next byte into
+  /// bits 4-7 only, which the mask clears.
+  static __m256i nibbles(const std::uint8_t* p) {
+    const __m256i bytes =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i shifted = _mm256_srlv_epi32(bytes, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
+  }
+
+  template <KernelFormat F>
+  static Weights load(const std::uint8_t* p) {
+    __m256i c;
+    if constexpr (F == KernelFormat::nf4) {
+      static constexpr std::array<std::int8_t, 16> kBook = q8_nf4_codebook<0>();
+      const __m128i book = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kBook.data()));
+      c = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(book), nibbles(p));
+    } else if constexpr (kIs4Bit<F>) {
+      return {nibbles(p), _mm256_setzero_si256()};
+    } else {
+      c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      // Unsigned u becomes u - 128, the centred code.
+      if constexpr (F == KernelFormat::int8) c = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+    }
+    return {_mm256_abs_epi8(c), c};
+  }
+
+  template <KernelFormat F>
+  static Acc dot(Acc acc, const Weights& weights, const std::int8_t* q) {
+    __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    if constexpr (F == KernelFormat::nf4 || !kIs4Bit<F>) qv = _mm256_sign_epi8(qv, weights.sign);
+    const __m256i pairs = _mm256_maddubs_epi16(weights.magnitude, qv);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+
+  static FReg fzero() { return _mm256_setzero_ps(); }
+  static FReg fma(Acc acc, float s, FReg f) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s), f);
+  }
+  static float reduce(FReg f) { return Simd::reduce(f); }
+};
+
+const DequantMatmulQ8Table kQ8Table = make_q8_table<Int8Dot>();
 
 }  // namespace qlora::kernels::avx2

@@ -8,9 +8,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
+#include "../dequant_matmul_q8.hpp"
 #include "qlora/detail/dequant_matmul_kernels.hpp"
 #include "qlora/quant/tables.hpp"
 
@@ -74,5 +78,67 @@ struct Simd {
 };
 
 #include "../dequant_matmul_impl.inc"
+#include "../dequant_matmul_q8_impl.inc"
+
+/**
+ * The integer dot products of the q8 path with AVX-512 VNNI, 32 weights per step: vpdpbusd on
+ * 256-bit registers multiplies unsigned code bytes by signed activation bytes and adds groups of
+ * four into int32 lanes without saturation. Codes go in as c + o with o = 8 for 4-bit integer
+ * codes and o = 128 otherwise, which makes every value unsigned. Used only when the CPU has
+ * AVX-512 VNNI; matmul.cpp uses the AVX2 q8 kernels otherwise.
+ */
+struct Int8Dot {
+  using Acc = __m256i;
+  using FReg = __m256;
+  static constexpr std::int64_t kUnit = 32;
+
+  template <KernelFormat F>
+  static constexpr int kOffset = (F == KernelFormat::int4 || F == KernelFormat::int4_sym) ? 8 : 128;
+
+  static Acc acc_init(std::int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+
+  /// 16 bytes of 4-bit codes: the high nibbles (even elements) in bytes 0-15, the low nibbles
+  /// (odd elements) in bytes 16-31.
+  static __m256i nibbles(const std::uint8_t* p) {
+    const __m256i bytes =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i shifted = _mm256_srlv_epi32(bytes, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
+  }
+
+  /// Returns c + o as unsigned bytes.
+  template <KernelFormat F>
+  static __m256i load(const std::uint8_t* p) {
+    if constexpr (F == KernelFormat::nf4) {
+      static constexpr std::array<std::int8_t, 16> kBook = q8_nf4_codebook<128>();
+      const __m128i book = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kBook.data()));
+      return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(book), nibbles(p));
+    } else if constexpr (kIs4Bit<F>) {
+      return nibbles(p);
+    } else {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (F == KernelFormat::int8_sym) return _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+      return c;
+    }
+  }
+
+  template <KernelFormat F>
+  static Acc dot(Acc acc, __m256i weights, const std::int8_t* q) {
+    return _mm256_dpbusd_epi32(acc, weights, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  }
+
+  static FReg fzero() { return _mm256_setzero_ps(); }
+  static FReg fma(Acc acc, float s, FReg f) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s), f);
+  }
+  static float reduce(FReg f) {
+    const __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+    const __m128 sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    const __m128 sum1 = _mm_add_ss(sum2, _mm_movehdup_ps(sum2));
+    return _mm_cvtss_f32(sum1);
+  }
+};
+
+const DequantMatmulQ8Table kQ8Table = make_q8_table<Int8Dot>();
 
 }  // namespace qlora::kernels::avx512

@@ -5,10 +5,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 
+#include "../dequant_matmul_q8.hpp"
 #include "qlora/detail/dequant_matmul_kernels.hpp"
 #include "qlora/quant/tables.hpp"
 
@@ -83,5 +87,72 @@ struct Simd {
 };
 
 #include "../dequant_matmul_impl.inc"
+#include "../dequant_matmul_q8_impl.inc"
+
+/**
+ * The integer dot products of the q8 path, 16 weights per step, signed by signed bytes. With
+ * kDotprod, SDOT (Armv8.2 dotprod) adds groups of four products into int32 lanes. Without it,
+ * SMULL and SMULL2 form int16 products of at most 128 * 127, and SADALP adds their pairs into
+ * int32 lanes.
+ * 4-bit integer codes go in as u = c + 8; the other formats go in centred.
+ */
+template <bool kDotprod>
+struct Int8Dot {
+  using Acc = int32x4_t;
+  using FReg = float32x4_t;
+  static constexpr std::int64_t kUnit = 16;
+
+  template <KernelFormat F>
+  static constexpr int kOffset = (F == KernelFormat::int4 || F == KernelFormat::int4_sym) ? 8 : 0;
+
+  static Acc acc_init(std::int32_t v) { return vsetq_lane_s32(v, vdupq_n_s32(0), 0); }
+
+  /// 8 bytes of 4-bit codes: the high nibbles (even elements) in bytes 0-7, the low nibbles (odd
+  /// elements) in bytes 8-15.
+  static uint8x16_t nibbles(const std::uint8_t* p) {
+    const uint8x8_t bytes = vld1_u8(p);
+    return vcombine_u8(vshr_n_u8(bytes, 4), vand_u8(bytes, vdup_n_u8(0x0f)));
+  }
+
+  template <KernelFormat F>
+  static int8x16_t load(const std::uint8_t* p) {
+    if constexpr (F == KernelFormat::nf4) {
+      static constexpr std::array<std::int8_t, 16> kBook = q8_nf4_codebook<0>();
+      return vqtbl1q_s8(vld1q_s8(kBook.data()), nibbles(p));
+    } else if constexpr (kIs4Bit<F>) {
+      return vreinterpretq_s8_u8(nibbles(p));
+    } else if constexpr (F == KernelFormat::int8) {
+      // Unsigned u becomes u - 128, the centred code.
+      return vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), vdupq_n_u8(0x80)));
+    } else {
+      return vld1q_s8(reinterpret_cast<const std::int8_t*>(p));
+    }
+  }
+
+  template <KernelFormat F>
+  static Acc dot(Acc acc, int8x16_t weights, const std::int8_t* q) {
+    const int8x16_t qv = vld1q_s8(q);
+    if constexpr (kDotprod) {
+      // The build targets plain Armv8-A, where the vdotq_s32 intrinsic cannot be inlined, so
+      // the instruction is written out. The .arch directive only lets the assembler accept it
+      // (GCC 12 emits nothing past Armv8-A); matmul.cpp picks this variant only when the CPU
+      // reports dotprod.
+      __asm__(".arch armv8.2-a+dotprod\n\tsdot %0.4s, %1.16b, %2.16b"
+              : "+w"(acc)
+              : "w"(weights), "w"(qv));
+      return acc;
+    } else {
+      acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(weights), vget_low_s8(qv)));
+      return vpadalq_s16(acc, vmull_high_s8(weights, qv));
+    }
+  }
+
+  static FReg fzero() { return vdupq_n_f32(0.0f); }
+  static FReg fma(Acc acc, float s, FReg f) { return vfmaq_n_f32(f, vcvtq_f32_s32(acc), s); }
+  static float reduce(FReg f) { return vaddvq_f32(f); }
+};
+
+const DequantMatmulQ8Table kQ8Table = make_q8_table<Int8Dot<false>>();
+const DequantMatmulQ8Table kQ8DotprodTable = make_q8_table<Int8Dot<true>>();
 
 }  // namespace qlora::kernels::neon
