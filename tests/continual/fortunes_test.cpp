@@ -4,8 +4,9 @@
 // once per method from that saved state:
 //   naive   One shared adapter carried on to task B (sequential LoRA).
 //   replay  The same, with a quarter of every batch drawn from a buffer of task A's windows.
+//   per-task  A new adapter for B, trained alone and serving task B alone (task id known).
 //   olora   A new adapter for B, trained with O-LoRA's penalty against A's adapter. It is
-//           evaluated with both adapters summed, and with each task's own adapter (the oracle).
+//           evaluated with both adapters summed, and with the task id known (A alone for A).
 // The checks are the exact guarantees and the effect sizes as ratios to the naive run (never
 // absolute NLLs, which move whenever the kernels change). The tables are printed for the log.
 //
@@ -171,6 +172,12 @@ TEST(continual_fortunes, replay_forgets_less_than_naive) {
     EXPECT_EQ(l.tasks().back().replayed_rows_per_batch, 1);
   });
 
+  ContinualConfig per_task_config = base_config("per-task, task id known");
+  per_task_config.inference = qlora::continual::Inference::oracle;
+  const Run per_task = run_b(per_task_config, [&](ContinualLearner& l) {
+    EXPECT_EQ(l.tasks().back().active, std::vector<std::string>{computers.name});
+  });
+
   ContinualConfig olora_config = base_config("olora");
   olora_config.olora = qlora::continual::OloraOptions{.lambda_orth = kOloraLambda};
   ForgettingReport oracle;
@@ -191,22 +198,24 @@ TEST(continual_fortunes, replay_forgets_less_than_naive) {
 
   // The log: every table, then the measures side by side.
   for (const ForgettingReport* r : std::initializer_list<const ForgettingReport*>{
-           &naive.report, &replay.report, &olora.report, &oracle}) {
+           &naive.report, &replay.report, &per_task.report, &olora.report, &oracle}) {
     fmt::print("\n{}", r->table());
   }
   fmt::print("\n");
   print_measures("naive", naive.report);
   print_measures("replay", replay.report);
+  print_measures("per-task", per_task.report);
   print_measures("olora", olora.report);
   print_measures("olora task id", oracle);
   fmt::print("O-LoRA overlap sum |A_A A_B^T| at the end: {:.4f}\n", overlap);
   fmt::print("steps per stage {}, {} windows of {} tokens per step, {} threads\n",
              steps_per_stage(), kBatch, kSeqLen, kThreads);
   fmt::print("wall time: stage A {:.0f} s, naive B {:.0f} s ({:.0f} tokens/s), replay B {:.0f} s "
-             "({:.0f} tokens/s), olora B {:.0f} s ({:.0f} tokens/s), total {:.0f} s\n",
+             "({:.0f} tokens/s), per-task B {:.0f} s ({:.0f} tokens/s), olora B {:.0f} s "
+             "({:.0f} tokens/s), total {:.0f} s\n",
              stage_a_seconds, naive.seconds, naive.tokens_per_second, replay.seconds,
-             replay.tokens_per_second, olora.seconds, olora.tokens_per_second,
-             seconds_since(start));
+             replay.tokens_per_second, per_task.seconds, per_task.tokens_per_second,
+             olora.seconds, olora.tokens_per_second, seconds_since(start));
 
   // The benchmark must be able to see forgetting, or the test is too weak.
   const ForgettingReport& n = naive.report;
@@ -223,6 +232,8 @@ TEST(continual_fortunes, replay_forgets_less_than_naive) {
   EXPECT_EQ(olora.report.nll[1], n.nll[1]);
   // Each task's own adapter keeps its numbers exactly.
   EXPECT_EQ(oracle.forgetting(0), 0.0);
+  EXPECT_EQ(per_task.report.forgetting(0), 0.0);
+  EXPECT_EQ(per_task.report.nll[2][0], stage_a.nll[1][0]);
   fs::remove_all(dir);
 }
 
