@@ -162,77 +162,94 @@ const TaskRecord& ContinualLearner::learn(const ContinualTask& task,
   }
   const std::size_t index = tasks_.size();
 
-  // The new column: the base model and the model before this stage on the new task.
-  report_.tasks.push_back(task.name);
-  report_.task_tokens.push_back(count_targets(task.eval));
-  for (auto& row : report_.nll) row.push_back(kNaN);
-  report_.nll[0][index] = evaluate_with(task.eval, {}).mean();
-  if (index > 0) {
-    const std::vector<std::string> before =
-        config_.inference == Inference::oracle ? tasks_.back().active : adapter_names();
-    report_.nll[index][index] = evaluate_with(task.eval, before).mean();
-  }
-
-  // The adapter: a new one per task, or the first task's adapter again.
+  // A failure part-way (a diverged loss, say) leaves the report and the set of adapters as they
+  // were. A shared adapter keeps the weights of its last step in memory; the saved state is
+  // only replaced after a task completes.
+  const ForgettingReport report_before = report_;
+  const std::vector<std::string> adapters_before = adapter_names();
   TaskRecord record;
-  record.name = task.name;
-  record.train_rows = static_cast<std::int64_t>(task.train.size());
-  const bool reuse = config_.policy == AdapterPolicy::shared && !tasks_.empty();
-  record.adapter = reuse ? tasks_.back().adapter : task.name;
-  std::vector<std::string> previous = adapter_names();
-  if (!reuse) {
-    model_.add_adapter(record.adapter, config_.lora,
-                       mix_seed(config_.seed, static_cast<std::uint64_t>(index)));
-  }
-  for (const std::string& name : previous) set_trainable(name, name == record.adapter);
-  set_trainable(record.adapter, true);
-  previous.erase(std::remove(previous.begin(), previous.end(), record.adapter), previous.end());
-  std::vector<std::string> active = config_.inference == Inference::oracle
-                                        ? std::vector<std::string>{record.adapter}
-                                        : previous;
-  if (config_.inference == Inference::sum_all) active.push_back(record.adapter);
-  model_.set_adapters_disabled(false);
-  model_.set_active_adapters(active);
-  record.active = active;
+  try {
+    // The new column: the base model and the model before this stage on the new task.
+    report_.tasks.push_back(task.name);
+    report_.task_tokens.push_back(count_targets(task.eval));
+    for (auto& row : report_.nll) row.push_back(kNaN);
+    report_.nll[0][index] = evaluate_with(task.eval, {}).mean();
+    if (index > 0) {
+      const std::vector<std::string> before =
+          config_.inference == Inference::oracle ? tasks_.back().active : adapter_names();
+      report_.nll[index][index] = evaluate_with(task.eval, before).mean();
+    }
 
-  // Training, with replayed rows and O-LoRA's penalty when configured.
-  TrainerConfig train = config_.train;
-  train.adapter_name = record.adapter;
-  train.output_dir.clear();
-  train.seed = mix_seed(config_.train.seed, static_cast<std::uint64_t>(index));
-  train.eval_every = 0;
-  train.save_every = 0;
-  if (config_.replay.batch_fraction > 0.0 && !replay_.empty()) {
-    train.replay_rows = std::clamp<std::int64_t>(
-        std::llround(config_.replay.batch_fraction * static_cast<double>(train.batch_size)), 1,
-        train.batch_size - 1);
-  } else {
-    train.replay_rows = 0;
+    // The adapter: a new one per task, or the first task's adapter again.
+    record.name = task.name;
+    record.train_rows = static_cast<std::int64_t>(task.train.size());
+    const bool reuse = config_.policy == AdapterPolicy::shared && !tasks_.empty();
+    record.adapter = reuse ? tasks_.back().adapter : task.name;
+    std::vector<std::string> previous = adapter_names();
+    if (!reuse) {
+      model_.add_adapter(record.adapter, config_.lora,
+                         mix_seed(config_.seed, static_cast<std::uint64_t>(index)));
+    }
+    for (const std::string& name : previous) set_trainable(name, name == record.adapter);
+    set_trainable(record.adapter, true);
+    previous.erase(std::remove(previous.begin(), previous.end(), record.adapter), previous.end());
+    std::vector<std::string> active = config_.inference == Inference::oracle
+                                          ? std::vector<std::string>{record.adapter}
+                                          : previous;
+    if (config_.inference == Inference::sum_all) active.push_back(record.adapter);
+    model_.set_adapters_disabled(false);
+    model_.set_active_adapters(active);
+    record.active = active;
+
+    // Training, with replayed rows and O-LoRA's penalty when configured.
+    TrainerConfig train = config_.train;
+    train.adapter_name = record.adapter;
+    train.output_dir.clear();
+    train.seed = mix_seed(config_.train.seed, static_cast<std::uint64_t>(index));
+    train.eval_every = 0;
+    train.save_every = 0;
+    if (config_.replay.batch_fraction > 0.0 && !replay_.empty()) {
+      train.replay_rows = std::clamp<std::int64_t>(
+          std::llround(config_.replay.batch_fraction * static_cast<double>(train.batch_size)), 1,
+          train.batch_size - 1);
+    } else {
+      train.replay_rows = 0;
+    }
+    record.replayed_rows_per_batch = train.replay_rows;
+    Trainer trainer(model_, task.train, {}, train);
+    if (train.replay_rows > 0) {
+      trainer.replay_source = [this, index](std::uint64_t draw) -> const PackedRow& {
+        return replay_.draw(mix_seed(static_cast<std::uint64_t>(index), draw));
+      };
+    }
+    if (config_.olora && !previous.empty()) {
+      const OloraOptions options = *config_.olora;
+      trainer.regularizer = [this, name = record.adapter, previous, options]() {
+        return olora_penalty(model_, name, previous, options);
+      };
+    }
+    trainer.on_step = on_step;
+    const auto start = Clock::now();
+    std::int64_t tokens = 0;
+    while (!trainer.done()) {
+      const StepMetrics m = trainer.step();
+      tokens += m.tokens;
+      record.final_loss = m.loss;
+    }
+    record.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    record.steps = trainer.current_step();
+    record.tokens_per_second =
+        record.seconds > 0.0 ? static_cast<double>(tokens) / record.seconds : 0.0;
+  } catch (...) {
+    report_ = report_before;
+    for (const std::string& name : adapters_before) set_trainable(name, false);
+    if (std::find(adapters_before.begin(), adapters_before.end(), task.name) ==
+        adapters_before.end()) {
+      model_.remove_adapter(task.name);
+    }
+    activate_all();
+    throw;
   }
-  record.replayed_rows_per_batch = train.replay_rows;
-  Trainer trainer(model_, task.train, {}, train);
-  if (train.replay_rows > 0) {
-    trainer.replay_source = [this, index](std::uint64_t draw) -> const PackedRow& {
-      return replay_.draw(mix_seed(static_cast<std::uint64_t>(index), draw));
-    };
-  }
-  if (config_.olora && !previous.empty()) {
-    const OloraOptions options = *config_.olora;
-    trainer.regularizer = [this, name = record.adapter, previous, options]() {
-      return olora_penalty(model_, name, previous, options);
-    };
-  }
-  trainer.on_step = on_step;
-  const auto start = Clock::now();
-  std::int64_t tokens = 0;
-  while (!trainer.done()) {
-    const StepMetrics m = trainer.step();
-    tokens += m.tokens;
-    record.final_loss = m.loss;
-  }
-  record.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  record.steps = trainer.current_step();
-  record.tokens_per_second = record.seconds > 0.0 ? static_cast<double>(tokens) / record.seconds : 0.0;
 
   // Freeze, remember the task, feed the buffer, evaluate everything.
   set_trainable(record.adapter, config_.policy == AdapterPolicy::shared);

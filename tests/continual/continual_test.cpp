@@ -417,6 +417,21 @@ TEST(continual_learner, resumed_run_gives_the_same_report) {
   EXPECT_EQ(again.report().to_json(), full.report().to_json());
 }
 
+TEST(continual_learner, failed_task_leaves_the_bank_unchanged) {
+  qlora::LlamaModel model = bare_model(39);
+  ContinualLearner learner(model, small_config());
+  learner.learn(proverbs());
+  const ForgettingReport before = learner.report();
+  qlora::continual::ContinualTask broken = numbers();
+  broken.train[0].tokens[3] = 100'000;  // not in the vocabulary
+  EXPECT_THROW(learner.learn(broken), qlora::InvalidArgument);
+  EXPECT_EQ(learner.report().to_json(), before.to_json());
+  EXPECT_EQ(learner.adapter_names(), std::vector<std::string>{"proverbs"});
+  EXPECT_FALSE(model.projections()[0].linear->has_adapter("numbers"));
+  learner.learn(numbers());  // the same name works once the data is fixed
+  EXPECT_EQ(learner.tasks().size(), 2u);
+}
+
 TEST(continual_learner, rejects_invalid_settings_and_tasks) {
   qlora::LlamaModel model = bare_model(35);
   ContinualConfig config = small_config();

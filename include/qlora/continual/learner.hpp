@@ -15,7 +15,7 @@
 // baseline). Inference modes: `sum_all` adds every adapter of the bank (training too runs with
 // the frozen adapters active, as in O-LoRA). `oracle` trains each task's adapter alone and
 // serves each task with it, so a finished task's numbers never change.
-// TaskRecord::active names the adapters that were active while a task was trained; with the
+// TaskRecord::active names the adapters that were active while a task was trained. With the
 // task id known, that set serves the task without forgetting under either mode.
 //
 // learn() evaluates the new task on the base model and on the model before training (for the
@@ -102,7 +102,9 @@ class ContinualLearner {
   void set_control(std::string name, std::vector<PackedRow> eval_rows);
 
   /// Trains one task and updates the report (see the file comment). Throws
-  /// qlora::InvalidArgument for an empty or duplicate name or empty row sets.
+  /// qlora::InvalidArgument for an empty or duplicate name or empty row sets. When training
+  /// fails, the report and the bank's adapters are restored (a shared adapter keeps its partly
+  /// trained weights until load() reads the saved state back) and the error is rethrown.
   const TaskRecord& learn(const ContinualTask& task,
                           const std::function<void(const StepMetrics&)>& on_step = {});
 
