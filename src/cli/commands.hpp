@@ -173,6 +173,8 @@ int run_export(const ExportOptions& options);
 int run_merge(const MergeOptions& options);
 int run_info(const std::string& path);
 
+/// Splits a comma-separated list, dropping empty items.
+std::vector<std::string> split_list(const std::string& text);
 /// Parses --targets: a comma-separated list of module names, "all-linear", or "re:<regex>".
 std::vector<std::string> parse_targets(const std::string& text);
 /// Parses --layers: "3", "0-5", "0,2,4-7"; empty means every layer.

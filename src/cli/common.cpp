@@ -27,24 +27,26 @@ QuantConfig QuantOptions::to_config() const {
   return config;
 }
 
-std::vector<std::string> parse_targets(const std::string& text) {
-  if (text.starts_with("re:") || text == "all-linear") return {text};
-  std::vector<std::string> targets;
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
   std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
-    if (!item.empty()) targets.push_back(item);
+    if (!item.empty()) items.push_back(item);
   }
+  return items;
+}
+
+std::vector<std::string> parse_targets(const std::string& text) {
+  if (text.starts_with("re:") || text == "all-linear") return {text};
+  const std::vector<std::string> targets = split_list(text);
   QLORA_CHECK_ARG(!targets.empty(), "--targets is empty (hint: q_proj,v_proj or all-linear)");
   return targets;
 }
 
 std::vector<int> parse_layers(const std::string& text) {
   std::vector<int> layers;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    if (item.empty()) continue;
+  for (const std::string& item : split_list(text)) {
     try {
       const auto dash = item.find('-');
       if (dash == std::string::npos) {

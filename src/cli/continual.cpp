@@ -35,17 +35,6 @@ nlohmann::json run_settings(const ContinualOptions& o) {
           {"seq_len", o.seq_len}};
 }
 
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  std::size_t begin = 0;
-  while (begin <= text.size()) {
-    const std::size_t end = std::min(text.find(',', begin), text.size());
-    if (end > begin) items.push_back(text.substr(begin, end - begin));
-    begin = end + 1;
-  }
-  return items;
-}
-
 // A run's model with its adapter bank loaded. The learner refers to the model, so both live
 // on the heap at fixed addresses.
 struct OpenRun {
