@@ -18,10 +18,10 @@
 // TaskRecord::active names the adapters that were active while a task was trained. With the
 // task id known, that set serves the task without forgetting under either mode.
 //
-// learn() evaluates the new task on the base model and on the model before training (for the
-// gain and plasticity), trains it, freezes its adapter, offers its training windows to the
-// replay buffer, evaluates every task so far and the control set, and, with a run folder,
-// saves the whole state there. A learner built on the same model and folder with load()
+// learn() first evaluates the new task on the base model and on the model before training,
+// for the gain and plasticity. It then trains the task, freezes its adapter and offers its
+// training windows to the replay buffer. Last, it evaluates every task so far and the control
+// set and, with a run folder, saves the whole state there. A learner built on the same model and folder with load()
 // continues exactly: the same seed and thread count give the same report.
 #pragma once
 

@@ -9,9 +9,9 @@
 //                any [N, K] matrix: thin QR of B_cat and A_cat^T, then the SVD of R_B R_A^T
 //   linear       the same sum formed densely, then a truncated SVD (what dare_linear gives
 //                at density 1)
-//   ties         TIES-Merging: keep the largest `density` share of each tau_i by magnitude,
-//                elect a sign per entry from the trimmed tau_i (+1 on a tie), and divide the
-//                sum of the agreeing w_i tau_i entries by their count
+//   ties         TIES-Merging. Keep the largest `density` share of each tau_i by magnitude
+//                and elect a sign per entry from the trimmed tau_i (+1 on a tie). Each entry
+//                is the sum of the agreeing w_i tau_i entries divided by their count.
 //   dare_linear  DARE: keep each entry with probability `density`, rescale by 1 / density, sum
 //   dare_ties    DARE's random drop followed by the TIES sign election and disjoint mean
 //
@@ -141,9 +141,9 @@ struct ModelMergeReport {
 /**
  * Merges the adapters `names` on every projection that contains at least one of them and adds
  * the result as adapter `output_name`. A projection that lacks one of the names treats it
- * as a zero task vector, so the weights stay matched to `names`, and DARE's draws for a task
- * do not depend on which other tasks a projection holds (task i of projection p draws from
- * mix_seed(mix_seed(seed, p), i), p counted over LlamaModel::projections()).
+ * as a zero task vector, so the weights stay matched to `names`. DARE's draws for a task do
+ * not depend on which other tasks a projection contains: task i of projection p draws from
+ * mix_seed(mix_seed(seed, p), i), with p counted over LlamaModel::projections().
  *
  * The active adapter set of every projection is left as it was, so the new adapter is
  * inactive until LlamaModel::set_active_adapters names it. Every projection is merged
@@ -179,10 +179,10 @@ struct RouteResult {
  * tokens before it, and returns the lowest. Every projection's active set and the disabled
  * flag are restored afterwards, also when an error is thrown.
  *
- * Throws qlora::InvalidArgument for an empty or duplicated name list, a name that no
- * projection contains, a prefix of fewer than 2 tokens or (when the config sets it) more
- * than max_position_embeddings, a token id out of range, or a non-finite loss. The last
- * message names the adapter.
+ * Throws qlora::InvalidArgument for an empty or duplicated name list or a name that no
+ * projection contains. It also rejects a prefix of fewer than 2 tokens, or of more than
+ * max_position_embeddings when the config sets it, a token id out of range, and a non-finite
+ * loss, whose message names the adapter.
  */
 RouteResult route_by_min_loss(LlamaModel& model, std::span<const std::string> adapter_names,
                               std::span<const std::int32_t> prefix);

@@ -14,7 +14,7 @@
 //   control drift D   = Lc[T] - Lc[0] for a held-out set that is never trained
 //
 // A cell that was never evaluated (a task that did not exist yet at that stage, apart from
-// the row just before its stage) holds NaN.
+// the row just before its stage) contains NaN.
 #pragma once
 
 #include <cstdint>

@@ -141,7 +141,7 @@ class Trainer {
   /**
    * An optional penalty on the adapters, such as O-LoRA's orthogonality term. It is called once
    * per optimizer step, after the gradients of every micro-batch are summed and before
-   * clipping; it adds its gradient to the trainable adapters' dA and dB and returns its value.
+   * clipping. It adds its gradient to the trainable adapters' dA and dB and returns its value.
    * Calling it once per step (not once per micro-batch) keeps its weight independent of
    * gradient accumulation.
    */
