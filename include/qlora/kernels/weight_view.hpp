@@ -42,7 +42,18 @@ struct WeightView {
  */
 inline float block_scale(const WeightView& w, std::int64_t block) noexcept {
   if (w.absmax_codes == nullptr) return w.scales[block];
-  volatile float product = kDynamicMap[w.absmax_codes[block]] * w.nested_absmax[block / 256];
+  float product = kDynamicMap[w.absmax_codes[block]] * w.nested_absmax[block / 256];
+  // An empty asm statement that claims to change `product` keeps it in a register: the
+  // compiler must round it to float here and cannot fuse it with the addition. A volatile
+  // variable does the same through a store and a load on every block.
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(product));
+#elif defined(__aarch64__)
+  asm("" : "+w"(product));
+#else
+  volatile float rounded = product;
+  product = rounded;
+#endif
   return product + w.nested_offset;
 }
 
