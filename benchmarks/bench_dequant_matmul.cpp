@@ -1,19 +1,24 @@
 // Dequant-matmul throughput for every format, instruction set and direction on the shapes of
 // SmolLM2-135M and Llama-7B. The same binary measures the references: fp32 GEMM on a dense
-// matrix of the same shape with Eigen and with OpenBLAS (cblas_sgemm), and a memory read
-// bandwidth probe. All of them run on qlora::num_threads() threads (OMP_NUM_THREADS).
+// matrix of the same shape with Eigen (built with the library's baseline flags, and built for
+// this machine with -march=native) and with OpenBLAS (cblas_sgemm), and memory read bandwidth
+// probes. All of them run on qlora::num_threads() threads (OMP_NUM_THREADS).
 //
 // Names: dequant_matmul[_backward]/<format>/<isa>/M=..,N=..,K=.. (fp32 activations),
 // dequant_matmul_q8/<format>/<isa>/M=.. (activations quantized to int8, integer dot products),
-// sgemm_eigen/M=..,N=..,K=.., sgemm_openblas/..., read_bandwidth/MiB=... Counters: GFLOP/s
-// (2 M N K per call) and, for the quantized kernels, weight_GB/s (codes, scales and mins read
-// per call).
+// sgemm_eigen/M=..,N=..,K=.., sgemm_eigen_native/..., sgemm_openblas/...,
+// read_bandwidth/MiB=1024 (a fresh buffer) and read_bandwidth/<format>/N=65536,K=4096 (the very
+// weight that the M = 1 kernels stream, so both read the same physical pages). Counters: GFLOP/s
+// (2 M N K per call) and, for the quantized kernels and the weight probes, weight_GB/s (codes,
+// scales and mins read per call).
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
@@ -31,6 +36,8 @@
 #include "qlora/kernels/matmul.hpp"
 #include "qlora/kernels/ref/dequant_matmul.hpp"
 #include "qlora/quant/tables.hpp"
+
+#include "eigen_native.hpp"
 
 extern "C" void openblas_set_num_threads(int n_threads);
 
@@ -196,8 +203,35 @@ bool spot_check(const QuantizedMatrix& w, bool backward, const std::vector<float
   return true;
 }
 
+/// Sums `bytes` bytes from p as 64-bit words (and any trailing bytes) over n_threads threads.
+std::uint64_t sum_words(const void* p, std::size_t bytes, int n_threads) {
+  const auto* bytes_p = static_cast<const unsigned char*>(p);
+  const std::size_t n_words = bytes / sizeof(std::uint64_t);
+  std::uint64_t total = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(+ : total)
+  for (std::size_t i = 0; i < n_words; ++i) {
+    std::uint64_t word;
+    std::memcpy(&word, bytes_p + i * sizeof(word), sizeof(word));
+    total += word;
+  }
+  for (std::size_t i = n_words * sizeof(std::uint64_t); i < bytes; ++i) total += bytes_p[i];
+  return total;
+}
+
+/// Reads every byte of w's codes, scales, mins and absmax codes once; returns their word sum.
+std::uint64_t read_weight(const QuantizedMatrix& w, int n_threads) {
+  std::uint64_t total = sum_words(w.codes.data(), w.codes.size(), n_threads);
+  total += sum_words(w.scales.data(), w.scales.size() * sizeof(float), n_threads);
+  total += sum_words(w.mins.data(), w.mins.size() * sizeof(float), n_threads);
+  total += sum_words(w.absmax_codes.data(), w.absmax_codes.size(), n_threads);
+  return total;
+}
+
 void set_counters(benchmark::State& state, double flops, double bytes) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  if (flops > 0) {
+    state.counters["GFLOP/s"] =
+        benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  }
   if (bytes > 0) {
     state.counters["weight_GB/s"] =
         benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -226,15 +260,49 @@ void bench_dequant_matmul(benchmark::State& state, const Format& format, Isa isa
     state.SkipWithError("result differs from the reference decoder");
     return;
   }
+  // On the larger-than-cache weight, every call is followed by an untimed read of the same
+  // weight memory (the read_bandwidth/<format> probe), so that the ratio of the two compares
+  // them under the same memory conditions, which drift on a shared machine.
+  const bool probe = shape.N == kLargeShape.N && shape.K == kLargeShape.K;
+  double probe_seconds = 0.0;
   for (auto _ : state) {
     call();
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
+    if (probe) {
+      state.PauseTiming();
+      const auto start = std::chrono::steady_clock::now();
+      benchmark::DoNotOptimize(read_weight(w, qlora::num_threads()));
+      probe_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      state.ResumeTiming();
+    }
   }
   set_counters(state, 2.0 * static_cast<double>(M * shape.N * shape.K), weight_bytes(w));
+  if (probe && probe_seconds > 0) {
+    const double probe_rate = weight_bytes(w) * static_cast<double>(state.iterations()) / probe_seconds;
+    state.counters["probe_GB/s"] = probe_rate * 1e-9;
+    // weight_GB/s over probe_GB/s: the share of the read bandwidth that the kernel reaches.
+    state.counters["of_probe"] = benchmark::Counter(
+        weight_bytes(w) / probe_rate, benchmark::Counter::kIsIterationInvariantRate);
+  }
 }
 
-void bench_sgemm(benchmark::State& state, bool openblas, Shape shape, std::int64_t M) {
+/// The fp32 GEMM libraries measured as references.
+enum class Sgemm { eigen, eigen_native, openblas };
+
+const char* sgemm_name(Sgemm library) {
+  switch (library) {
+    case Sgemm::eigen:
+      return "sgemm_eigen";
+    case Sgemm::eigen_native:
+      return "sgemm_eigen_native";
+    case Sgemm::openblas:
+      return "sgemm_openblas";
+  }
+  return "";
+}
+
+void bench_sgemm(benchmark::State& state, Sgemm library, Shape shape, std::int64_t M) {
   // y[M, N] = x[M, K] * W[N, K]^T with a dense fp32 W, the product the kernels replace.
   const std::vector<float> w = random_floats(shape.N * shape.K);
   const std::vector<float> x = random_floats(M * shape.K);
@@ -246,11 +314,14 @@ void bench_sgemm(benchmark::State& state, bool openblas, Shape shape, std::int64
   const qlora::ConstMapRowMatrixF x_map(x.data(), M, shape.K);
   qlora::MapRowMatrixF y_map(y.data(), M, shape.N);
   for (auto _ : state) {
-    if (openblas) {
+    if (library == Sgemm::openblas) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
                   static_cast<int>(shape.N), static_cast<int>(shape.K), 1.0f, x.data(),
                   static_cast<int>(shape.K), w.data(), static_cast<int>(shape.K), 0.0f, y.data(),
                   static_cast<int>(shape.N));
+    } else if (library == Sgemm::eigen_native) {
+      qlora_bench_eigen_native_sgemm(false, true, M, shape.N, shape.K, x.data(), shape.K,
+                                     w.data(), shape.K, y.data(), n_threads);
     } else {
       y_map.noalias() = x_map * w_map.transpose();
     }
@@ -277,6 +348,17 @@ void bench_read_bandwidth(benchmark::State& state, std::int64_t mib) {
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/**
+ * Sums the codes, scales, mins and absmax codes of the cached M = 1 weight with the same threads
+ * as the kernels: the read bandwidth of exactly the memory that they stream.
+ */
+void bench_weight_read(benchmark::State& state, const Format& format, Shape shape) {
+  const QuantizedMatrix& w = cached_weight(format, shape);
+  const int n_threads = qlora::num_threads();
+  for (auto _ : state) benchmark::DoNotOptimize(read_weight(w, n_threads));
+  set_counters(state, 0.0, weight_bytes(w));
+}
+
 std::string shape_name(std::int64_t M, Shape shape) {
   return fmt::format("M={},N={},K={}", M, shape.N, shape.K);
 }
@@ -292,12 +374,19 @@ void register_all() {
   }
   cases.emplace_back(1, kLargeShape);
 
+  for (const Format& format : kFormats) {
+    const std::string name =
+        fmt::format("read_bandwidth/{}/N={},K={}", format.name, kLargeShape.N, kLargeShape.K);
+    benchmark::RegisterBenchmark(name.c_str(), bench_weight_read, format, kLargeShape)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+
   for (const auto& [M, shape] : cases) {
     if (shape.N != kLargeShape.N) {
-      for (const bool openblas : {false, true}) {
-        const std::string name =
-            fmt::format("{}/{}", openblas ? "sgemm_openblas" : "sgemm_eigen", shape_name(M, shape));
-        benchmark::RegisterBenchmark(name.c_str(), bench_sgemm, openblas, shape, M)
+      for (const Sgemm library : {Sgemm::eigen, Sgemm::eigen_native, Sgemm::openblas}) {
+        const std::string name = fmt::format("{}/{}", sgemm_name(library), shape_name(M, shape));
+        benchmark::RegisterBenchmark(name.c_str(), bench_sgemm, library, shape, M)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
       }
@@ -337,6 +426,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("qlora_threads", std::to_string(qlora::num_threads()));
   benchmark::AddCustomContext("cpu_features", qlora::to_string(qlora::cpu_features()));
+  benchmark::AddCustomContext("eigen_native_simd", qlora_bench_eigen_native_simd());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

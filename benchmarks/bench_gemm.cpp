@@ -1,10 +1,12 @@
 // fp32 GEMM throughput of qlora::gemm_f32 for every instruction set on the products of a
-// SmolLM2-135M training step (seq 256, batch 4, LoRA rank 16), with Eigen and OpenBLAS
-// (cblas_sgemm) measured on the same operands in the same binary. All of them run on
+// SmolLM2-135M training step (seq 256, batch 4, LoRA rank 16), with Eigen (baseline flags, and
+// built for this machine: eigen_native.hpp) and OpenBLAS (cblas_sgemm) measured on the same
+// operands in the same binary. All of them run on
 // qlora::num_threads() threads (OMP_NUM_THREADS), except the attention cases, which run on one
 // thread as the model calls them, one per (sequence, head) task inside its own parallel loop.
 //
-// Names: gemm_f32/<isa>/<case>/M=..,N=..,K=.., sgemm_eigen/<case>/..., sgemm_openblas/<case>/...
+// Names: gemm_f32/<isa>/<case>/M=..,N=..,K=.., sgemm_eigen/<case>/...,
+// sgemm_eigen_native/<case>/..., sgemm_openblas/<case>/...
 // where <case> names the product and its transposes (N = as stored, T = transposed).
 // Counter: GFLOP/s (2 M N K per call).
 #include <benchmark/benchmark.h>
@@ -23,6 +25,8 @@
 #include "qlora/core/matrix.hpp"
 #include "qlora/core/threads.hpp"
 #include "qlora/kernels/gemm.hpp"
+
+#include "eigen_native.hpp"
 
 extern "C" void openblas_set_num_threads(int n_threads);
 
@@ -186,6 +190,29 @@ void bench_eigen(benchmark::State& state, Case k) {
   set_counters(state, k);
 }
 
+/// The same product through Eigen built for this machine (eigen_native.hpp).
+void bench_eigen_native(benchmark::State& state, Case k) {
+  Operands ops(k);
+  const CaseThreads threads(k);
+  const int n_threads = qlora::num_threads();
+  const auto call = [&] {
+    qlora_bench_eigen_native_sgemm(k.op_a == Transpose::yes, k.op_b == Transpose::yes, k.M, k.N,
+                                   k.K, ops.a.data(), ops.lda, ops.b.data(), ops.ldb,
+                                   ops.c.data(), n_threads);
+  };
+  call();
+  if (!ops.spot_check(k)) {
+    state.SkipWithError("result differs from the double-precision sum");
+    return;
+  }
+  for (auto _ : state) {
+    call();
+    benchmark::DoNotOptimize(ops.c.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, k);
+}
+
 void bench_openblas(benchmark::State& state, Case k) {
   Operands ops(k);
   const CaseThreads threads(k);
@@ -223,6 +250,10 @@ void register_all() {
     benchmark::RegisterBenchmark(fmt::format("sgemm_eigen/{}", shape).c_str(), bench_eigen, k)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+    benchmark::RegisterBenchmark(fmt::format("sgemm_eigen_native/{}", shape).c_str(),
+                                 bench_eigen_native, k)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
     benchmark::RegisterBenchmark(fmt::format("sgemm_openblas/{}", shape).c_str(), bench_openblas, k)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
@@ -237,6 +268,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("qlora_threads", std::to_string(qlora::num_threads()));
   benchmark::AddCustomContext("cpu_features", qlora::to_string(qlora::cpu_features()));
+  benchmark::AddCustomContext("eigen_native_simd", qlora_bench_eigen_native_simd());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
