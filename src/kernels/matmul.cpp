@@ -185,15 +185,16 @@ bool q8_supported(Isa isa, const QuantizedMatrix& w) {
 // The int8-activation setting: -1 until QLORA_INT8_ACT is read, then 0 (off) or 1 (on).
 std::atomic<int> g_int8_activations{-1};
 
-/// Reads QLORA_INT8_ACT: unset or "0" is off, "1" is on. Off is the default so that results
-/// match the fp32 kernels unless a caller opts in.
+/// Reads QLORA_INT8_ACT: unset or "1" is on, "0" is off. Only calls that allow it
+/// (ActivationPrecision::automatic, up to kInt8ActivationMaxRows rows) ever use int8.
 bool int8_activations_from_env() {
   const char* value = std::getenv("QLORA_INT8_ACT");
-  if (value == nullptr) return false;
+  if (value == nullptr) return true;
   const std::string_view text(value);
   QLORA_CHECK_ARG(text == "0" || text == "1",
-                  "[dequant_matmul] invalid QLORA_INT8_ACT: got '{}', expected 0 or 1 (hint: 1 "
-                  "turns on int8 activations for small batches, 0 or unset keeps fp32)",
+                  "[dequant_matmul] invalid QLORA_INT8_ACT: got '{}', expected 0 or 1 (hint: 0 "
+                  "keeps fp32 activations everywhere, 1 or unset allows int8 activations for "
+                  "small inference batches)",
                   text);
   return text == "1";
 }
@@ -201,7 +202,7 @@ bool int8_activations_from_env() {
 enum class Direction { forward, backward };
 
 /// The kernel path of one call.
-enum class Path { automatic, int8 };
+enum class Path { automatic, fp32, int8 };
 
 WeightView make_view(const QuantizedMatrix& w) {
   // Kernels decode double-quantized absmax per block (block_scale), so it is never expanded.
@@ -245,8 +246,9 @@ void run(Isa isa, Direction direction, const float* a, std::int64_t M, const Qua
 
   const bool use_q8 =
       direction == Direction::forward &&
-      (path == Path::int8 || (M <= kInt8ActivationMaxRows && int8_activations() &&
-                              q8_supported(isa, w)));
+      (path == Path::int8 ||
+       (path == Path::automatic && M <= kInt8ActivationMaxRows && int8_activations() &&
+        q8_supported(isa, w)));
   if (use_q8) {
     const std::int64_t bytes = kernels::dequant_matmul_q8_workspace_bytes(M, view);
     const std::unique_ptr<std::byte[]> workspace(new std::byte[static_cast<std::size_t>(bytes)]);
@@ -294,8 +296,9 @@ bool int8_activations() {
 }
 
 void dequant_matmul(const float* x, std::int64_t M, const QuantizedMatrix& w, float* y,
-                    bool accumulate) {
-  run(default_isa(), Direction::forward, x, M, w, y, accumulate);
+                    bool accumulate, ActivationPrecision precision) {
+  run(default_isa(), Direction::forward, x, M, w, y, accumulate,
+      precision == ActivationPrecision::fp32 ? Path::fp32 : Path::automatic);
 }
 
 void dequant_matmul_backward(const float* dy, std::int64_t M, const QuantizedMatrix& w, float* dx,
@@ -304,14 +307,14 @@ void dequant_matmul_backward(const float* dy, std::int64_t M, const QuantizedMat
 }
 
 void dequant_matmul(ConstRefRowMatrixF x, const QuantizedMatrix& w, RefRowMatrixF y,
-                    bool accumulate) {
+                    bool accumulate, ActivationPrecision precision) {
   QLORA_CHECK_ARG(x.cols() == w.cols && y.rows() == x.rows() && y.cols() == w.rows,
                   "[dequant_matmul] shapes do not match: got x [{}, {}], weight [{}, {}], y "
                   "[{}, {}], expected x [M, in], weight [out, in], y [M, out]",
                   x.rows(), x.cols(), w.rows, w.cols, y.rows(), y.cols());
   check_dense("dequant_matmul", "x", x.outerStride(), x.cols());
   check_dense("dequant_matmul", "y", y.outerStride(), y.cols());
-  dequant_matmul(x.data(), x.rows(), w, y.data(), accumulate);
+  dequant_matmul(x.data(), x.rows(), w, y.data(), accumulate, precision);
 }
 
 void dequant_matmul_backward(ConstRefRowMatrixF dy, const QuantizedMatrix& w, RefRowMatrixF dx,

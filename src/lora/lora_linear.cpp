@@ -215,7 +215,10 @@ void QuantLoraLinear::forward(ConstRefRowMatrixF x, RefRowMatrixF y, bool accumu
   const RowMatrixF x_dense = x;
   RowMatrixF y_dense(M, out_features());
   if (accumulate) y_dense = y;
-  dequant_matmul(x_dense.data(), M, base_, y_dense.data(), accumulate);
+  // A forward that keeps a cache is followed by backward, which differentiates the fp32
+  // product; without one it is inference, where small batches may use int8 activations.
+  dequant_matmul(x_dense.data(), M, base_, y_dense.data(), accumulate,
+                 cache != nullptr ? ActivationPrecision::fp32 : options.precision);
 
   if (cache != nullptr) {
     cache->x = x_dense;

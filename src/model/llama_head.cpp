@@ -23,11 +23,12 @@ constexpr std::int64_t kLossChunkRows = 256;
 
 }  // namespace
 
-void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& logits) {
+void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& logits,
+                  ActivationPrecision precision) {
   // x [R, hidden], logits [R, vocab]
   if (table.quantized) {
     logits.resize(x.rows(), table.quantized->rows);
-    dequant_matmul(x, *table.quantized, logits, false);
+    dequant_matmul(x, *table.quantized, logits, false, precision);
     return;
   }
   logits.resize(x.rows(), table.dense.rows());
@@ -65,7 +66,9 @@ LlamaLoss head_cross_entropy(const LlamaTable& table, const RowMatrixF& x,
     RowMatrixF xs(n, x.cols());
     for (std::int64_t i = 0; i < n; ++i) xs.row(i) = x.row(rows[chunk + static_cast<std::size_t>(i)]);
     RowMatrixF logits;
-    head_forward(table, xs, logits);
+    // The loss is a measurement and, with dx, a training step: never int8 activations, so
+    // that a row's loss does not depend on the size of the chunk it falls in.
+    head_forward(table, xs, logits, ActivationPrecision::fp32);
 
     // loss = logsumexp(logits) - logits[target]; d loss / d logits = softmax - one_hot.
     row_loss.assign(static_cast<std::size_t>(n), 0.0);

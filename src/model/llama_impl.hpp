@@ -50,6 +50,8 @@ struct LlamaLayerContext {
   int layer = 0;
   bool training = false;  ///< LoRA dropout on
   std::uint64_t dropout_seed = 0;
+  /// Activation precision of the quantized projections (int8 only for small inference batches).
+  ActivationPrecision precision = ActivationPrecision::automatic;
 };
 
 /// The activations that one layer's forward keeps for its backward.
@@ -137,7 +139,8 @@ void layer_backward(LlamaLayer& layer, const LlamaLayerContext& context,
                     const LlamaLayerCache& cache, const RowMatrixF& d_out, RowMatrixF& dx);
 
 // The output head: logits [rows, vocab] = x [rows, hidden] table^T.
-void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& logits);
+void head_forward(const LlamaTable& table, ConstRefRowMatrixF x, RowMatrixF& logits,
+                  ActivationPrecision precision);
 // dx [rows, hidden] = d_logits [rows, vocab] table.
 void head_backward(const LlamaTable& table, ConstRefRowMatrixF d_logits, RowMatrixF& dx);
 

@@ -69,7 +69,7 @@ RowVectorF LlamaModel::prefill(LlamaKvCache& cache, std::span<const std::int32_t
   RowMatrixF normed;
   detail::rms_norm_forward(hidden.bottomRows(1), norm_, config_.rms_norm_eps, normed, nullptr);
   RowMatrixF logits;
-  detail::head_forward(output_table(), normed, logits);
+  detail::head_forward(output_table(), normed, logits, ActivationPrecision::automatic);
   return logits.row(0);
 }
 

@@ -22,7 +22,8 @@ LoraForwardOptions projection_options(const LlamaLayerContext& context, LlamaPro
   const std::uint64_t layer_seed =
       mix_seed(context.dropout_seed, static_cast<std::uint64_t>(context.layer));
   return {.training = context.training,
-          .dropout_seed = mix_seed(layer_seed, static_cast<std::uint64_t>(index_of(p)))};
+          .dropout_seed = mix_seed(layer_seed, static_cast<std::uint64_t>(index_of(p))),
+          .precision = context.precision};
 }
 
 }  // namespace

@@ -318,11 +318,13 @@ const detail::LlamaTable& LlamaModel::output_table() const {
   return untied ? lm_head_ : embed_tokens_;
 }
 
-RowMatrixF LlamaModel::final_hidden(const LlamaBatch& batch) const {
+RowMatrixF LlamaModel::final_hidden(const LlamaBatch& batch,
+                                    ActivationPrecision precision) const {
   const std::vector<std::int32_t> positions =
       batch.positions.empty() ? default_positions(batch) : batch.positions;
-  const LlamaLayerContext context = make_context(config_, batch.batch_size, batch.seq_len,
-                                                 positions, batch.segment_ids, inv_freq_);
+  LlamaLayerContext context = make_context(config_, batch.batch_size, batch.seq_len, positions,
+                                           batch.segment_ids, inv_freq_);
+  context.precision = precision;
   RowMatrixF hidden = embed(batch);
   RowMatrixF next;
   for (const detail::LlamaLayer& layer : layers_) {
@@ -334,16 +336,17 @@ RowMatrixF LlamaModel::final_hidden(const LlamaBatch& batch) const {
   return normed;
 }
 
-RowMatrixF LlamaModel::logits(const LlamaBatch& batch) const {
+RowMatrixF LlamaModel::logits(const LlamaBatch& batch, ActivationPrecision precision) const {
   check_batch(batch, false);
   RowMatrixF out;
-  detail::head_forward(output_table(), final_hidden(batch), out);
+  detail::head_forward(output_table(), final_hidden(batch, precision), out, precision);
   return out;
 }
 
 LlamaLoss LlamaModel::loss(const LlamaBatch& batch) const {
   check_batch(batch, true);
-  return detail::head_cross_entropy(output_table(), final_hidden(batch), batch.targets,
+  return detail::head_cross_entropy(output_table(),
+                                    final_hidden(batch, ActivationPrecision::fp32), batch.targets,
                                     batch.loss_mask, nullptr);
 }
 

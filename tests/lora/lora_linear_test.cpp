@@ -8,8 +8,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "qlora/core/cpu.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/random.hpp"
+#include "qlora/kernels/matmul.hpp"
 #include "qlora/lora/merge.hpp"
 #include "qlora/quant/quantize.hpp"
 #include "support/compare.hpp"
@@ -278,13 +280,43 @@ TEST(lora_merge, merged_float_layer_matches_adapter_output) {
   randomize_b(layer.adapter("a"), 3);
   const RowMatrixF x = random_matrix(5, 64, 4);
   RowMatrixF y(5, 24);
-  layer.forward(x, y);
+  // fp32 activations: a batch this small would otherwise round x to int8 (0.5 % error).
+  layer.forward(x, y, false, nullptr, {.precision = qlora::ActivationPrecision::fp32});
 
   RowMatrixF w = qlora::dequantize(layer.base());
   qlora::merge_adapter(w, layer.adapter("a"));
   const RowMatrixF y_merged = x * w.transpose();
   EXPECT_TRUE(y_merged.isApprox(y, static_cast<float>(kMergeOutputRelTol)))
       << "max diff " << (y_merged - y).cwiseAbs().maxCoeff();
+}
+
+// With int8 activations on, only an inference forward of a small batch may use them: a forward
+// that keeps a cache for backward computes the same fp32 product as ActivationPrecision::fp32.
+TEST(lora_linear, training_forward_keeps_fp32_activations) {
+  const bool saved = qlora::int8_activations();
+  qlora::set_int8_activations(true);
+  QuantLoraLinear layer = make_layer(24, 64, QuantFormat::nf4, 64, 6);
+  LoraConfig config;
+  config.rank = 4;
+  layer.add_adapter("a", config, 2);
+  randomize_b(layer.adapter("a"), 3);
+  const RowMatrixF x = random_matrix(5, 64, 4);
+
+  RowMatrixF y_fp32(5, 24);
+  layer.forward(x, y_fp32, false, nullptr, {.precision = qlora::ActivationPrecision::fp32});
+  RowMatrixF y_train(5, 24);
+  qlora::LoraLinearCache cache;
+  layer.forward(x, y_train, false, &cache, {.training = true});
+  EXPECT_EQ(y_train, y_fp32);
+
+  RowMatrixF y_auto(5, 24);
+  layer.forward(x, y_auto);
+  if (qlora::select_isa() != qlora::Isa::scalar) {
+    EXPECT_NE(y_auto, y_fp32) << "a 5-row inference forward should use int8 activations";
+  }
+  // The stated error of the int8 path is about 1 % of the output scale.
+  EXPECT_TRUE(y_auto.isApprox(y_fp32, 0.02f)) << "max diff " << (y_auto - y_fp32).cwiseAbs().maxCoeff();
+  qlora::set_int8_activations(saved);
 }
 
 TEST(lora_merge, safe_merge_rejects_non_finite) {

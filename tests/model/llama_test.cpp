@@ -11,9 +11,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "qlora/core/cpu.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/random.hpp"
 #include "qlora/core/threads.hpp"
+#include "qlora/kernels/matmul.hpp"
 #include "qlora/model/llama.hpp"
 #include "support/compare.hpp"
 
@@ -190,6 +192,27 @@ TEST(llama_gradients, adapter_entries_match_finite_differences) {
   }
 }
 
+// The loss is what training minimizes and what evaluation reports, so it never uses int8
+// activations, even for a batch small enough for them; logits of the same batch may.
+TEST(llama_model, loss_keeps_fp32_activations) {
+  const bool saved = qlora::int8_activations();
+  const qlora::LlamaModel model = tiny_model_with_adapter();
+  const qlora::LlamaBatch batch = random_batch(2, 6, 97, 5);
+  qlora::set_int8_activations(false);
+  const qlora::LlamaLoss fp32 = model.loss(batch);
+  const qlora::RowMatrixF logits_fp32 = model.logits(batch);
+  qlora::set_int8_activations(true);
+  EXPECT_EQ(model.logits(batch, qlora::ActivationPrecision::fp32), logits_fp32);
+  const qlora::LlamaLoss with_int8 = model.loss(batch);
+  const qlora::RowMatrixF logits_int8 = model.logits(batch);
+  qlora::set_int8_activations(saved);
+  EXPECT_EQ(with_int8.sum, fp32.sum);
+  if (qlora::select_isa() != qlora::Isa::scalar) {
+    EXPECT_NE(logits_int8, logits_fp32) << "12 positions should take the int8 path";
+  }
+  EXPECT_TRUE(logits_int8.isApprox(logits_fp32, 0.02f));
+}
+
 TEST(llama_gradients, embedding_gradients_match_finite_differences) {
   const qlora::LlamaConfig config = tiny_config();
   const qlora::LlamaModel reference(config, tiny_weights(config, true), float_options());
@@ -341,7 +364,8 @@ TEST(llama_loss, matches_log_softmax_of_logits) {
   batch.loss_mask.assign(15, 1);
   batch.loss_mask[7] = 0;
 
-  const qlora::RowMatrixF logits = model.logits(batch);
+  // fp32 logits, the precision of the loss (15 positions could otherwise use int8).
+  const qlora::RowMatrixF logits = model.logits(batch, qlora::ActivationPrecision::fp32);
   double expected = 0.0;
   std::int64_t counted = 0;
   for (std::int64_t m = 0; m < batch.n_tokens(); ++m) {

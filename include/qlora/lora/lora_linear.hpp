@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "qlora/core/matrix.hpp"
+#include "qlora/kernels/matmul.hpp"
 #include "qlora/lora/lora_config.hpp"
 #include "qlora/quant/quantized_matrix.hpp"
 
@@ -73,6 +74,9 @@ struct LoraLinearCache {
 struct LoraForwardOptions {
   bool training = false;        ///< applies dropout; needs a cache for backward
   std::uint64_t dropout_seed = 0;  ///< the dropout mask depends on this seed alone
+  /// The base product's activation precision when no cache is kept; a forward with a cache
+  /// always uses fp32, the product that backward differentiates.
+  ActivationPrecision precision = ActivationPrecision::automatic;
 };
 
 /// A frozen quantized linear layer with named LoRA adapters.

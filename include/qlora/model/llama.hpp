@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "qlora/core/matrix.hpp"
+#include "qlora/kernels/matmul.hpp"
 #include "qlora/lora/lora_config.hpp"
 #include "qlora/lora/lora_linear.hpp"
 #include "qlora/model/llama_config.hpp"
@@ -269,12 +270,16 @@ class LlamaModel {
 
   /**
    * Runs the model and returns the logits [B * T, vocab] at every position (the position
-   * rows of LlamaBatch). Adapters apply without dropout.
+   * rows of LlamaBatch). Adapters apply without dropout. With `precision` automatic and up to
+   * kInt8ActivationMaxRows positions in all, the quantized projections may round activations
+   * to int8 (see qlora::set_int8_activations); ActivationPrecision::fp32 never does.
    */
-  RowMatrixF logits(const LlamaBatch& batch) const;
+  RowMatrixF logits(const LlamaBatch& batch,
+                    ActivationPrecision precision = ActivationPrecision::automatic) const;
 
   /// Returns the cross-entropy over batch.targets without keeping anything for backward; the
-  /// logits are computed in row chunks and never stored whole.
+  /// logits are computed in row chunks and never stored whole. Always fp32 activations, so
+  /// that the loss is the function that training minimizes.
   LlamaLoss loss(const LlamaBatch& batch) const;
 
   /**
@@ -306,7 +311,7 @@ class LlamaModel {
   void check_batch(const LlamaBatch& batch, bool needs_targets) const;
   RowMatrixF embed(const LlamaBatch& batch) const;
   /// The final-norm output [B * T, hidden] of an evaluation pass (no dropout, no cache).
-  RowMatrixF final_hidden(const LlamaBatch& batch) const;
+  RowMatrixF final_hidden(const LlamaBatch& batch, ActivationPrecision precision) const;
   /// The output head: lm_head, or the token embedding when tied.
   const detail::LlamaTable& output_table() const;
 
