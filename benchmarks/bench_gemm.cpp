@@ -49,6 +49,7 @@ struct Case {
 constexpr Case kCases[] = {
     {"head_forward_NT", Transpose::no, Transpose::yes, 512, 49152, 576, false},
     {"head_forward_NT", Transpose::no, Transpose::yes, 64, 49152, 576, false},
+    {"head_forward_NT", Transpose::no, Transpose::yes, 1, 49152, 576, false},  // one decoding step
     {"head_backward_NN", Transpose::no, Transpose::no, 512, 576, 49152, false},
     {"head_backward_NN", Transpose::no, Transpose::no, 64, 576, 49152, false},
     {"lora_xAt_NT", Transpose::no, Transpose::yes, 1024, 16, 576, false},

@@ -46,10 +46,12 @@ bool quick() { return std::getenv("QLORA_TEST_QUICK") != nullptr; }
 std::vector<Shape> parity_shapes() {
   // Sizes of 1, 3 and 17, non-multiples of every micro-tile (6 x 16, 12 x 32, 8 x 12), K across
   // the 256-step packing slice, N below the micro-tile width with M > N (the transposed path),
-  // and N over one column block (256 for AVX-512).
+  // N over one column block (256 for AVX-512), and M of 1 to 4 (the dot-product path when
+  // op(B) is transposed) with K tails after whole slices.
   std::vector<Shape> shapes = {
-      {1, 1, 1},    {1, 3, 17},   {3, 1, 17},  {17, 17, 17}, {3, 17, 1},   {1, 70, 300},
+      {1, 1, 1},    {1, 3, 17},   {3, 1, 17},  {17, 17, 17}, {3, 17, 1},    {1, 70, 300},
       {70, 1, 300}, {5, 16, 64},  {40, 7, 33}, {16, 40, 96}, {13, 33, 257}, {25, 50, 513},
+      {2, 9, 527},  {4, 33, 600},
   };
   if (!quick()) {
     shapes.push_back({130, 290, 70});
@@ -235,7 +237,8 @@ TEST(gemm_f32, writes_only_inside_c) {
 }
 
 TEST(gemm_f32, thread_count_invariant) {
-  const std::vector<Shape> shapes = {{130, 290, 300}, {200, 16, 96}, {16, 600, 64}, {64, 70, 513}};
+  const std::vector<Shape> shapes = {{130, 290, 300}, {200, 16, 96}, {16, 600, 64},
+                                     {64, 70, 513},   {1, 600, 300}, {4, 70, 513}};
   std::uint32_t seed = 500;
   for (const Shape& shape : shapes) {
     for (const Transpose op_a : kTransposes) {
