@@ -193,7 +193,7 @@ TEST(llama_gradients, adapter_entries_match_finite_differences) {
 }
 
 // The loss is what training minimizes and what evaluation reports, so it never uses int8
-// activations, even for a batch small enough for them; logits of the same batch may.
+// activations, even for a batch small enough for them. Logits of the same batch may.
 TEST(llama_model, loss_keeps_fp32_activations) {
   const bool saved = qlora::int8_activations();
   const qlora::LlamaModel model = tiny_model_with_adapter();

@@ -40,9 +40,11 @@ struct GemmArgs {
 /**
  * A GEMM kernel. Each C element starts from C[m, n] (with accumulate) or 0. Then each slice of
  * kGemmSliceDepth reduction steps, in increasing order, adds its own multiply-add chain of
- * (alpha * op(A)[m, k]) * op(B)[k, n], fused into FMAs in the SIMD variants. The order depends
- * on K alone, so the result does not depend on `n_threads`. `workspace` has room for the floats that the variant's
- * workspace-size function returns for the same arguments and thread count.
+ * (alpha * op(A)[m, k]) * op(B)[k, n], fused into FMAs in the SIMD variants. A SIMD variant may
+ * split a slice into one chain per vector lane whose sums are added in lane order (its
+ * dot-product path for up to 4 rows of C). The order depends on the variant, the path and K,
+ * never on `n_threads`. `workspace` has room for the floats that the variant's workspace-size
+ * function returns for the same arguments and thread count.
  */
 using GemmFn = void (*)(const GemmArgs& args, int n_threads, float* workspace) noexcept;
 

@@ -74,7 +74,7 @@ struct LoraLinearCache {
 struct LoraForwardOptions {
   bool training = false;        ///< applies dropout; needs a cache for backward
   std::uint64_t dropout_seed = 0;  ///< the dropout mask depends on this seed alone
-  /// The base product's activation precision when no cache is kept; a forward with a cache
+  /// The base product's activation precision when no cache is kept. A forward with a cache
   /// always uses fp32, the product that backward differentiates.
   ActivationPrecision precision = ActivationPrecision::automatic;
 };
