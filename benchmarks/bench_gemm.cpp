@@ -138,13 +138,9 @@ class CaseThreads {
   int saved_;
 };
 
-void bench_gemm_f32(benchmark::State& state, Case k, Isa isa) {
-  Operands ops(k);
-  const CaseThreads threads(k);
-  const auto call = [&] {
-    qlora::detail::gemm_f32(isa, k.op_a, k.op_b, k.M, k.N, k.K, 1.0f, ops.a.data(), ops.lda,
-                            ops.b.data(), ops.ldb, false, ops.c.data(), k.N);
-  };
+/// Runs `call` once and checks its result, then times it and sets the counters.
+template <class Call>
+void time_checked(benchmark::State& state, const Case& k, Operands& ops, const Call& call) {
   call();
   if (!ops.spot_check(k)) {
     state.SkipWithError("result differs from the double-precision sum");
@@ -156,6 +152,16 @@ void bench_gemm_f32(benchmark::State& state, Case k, Isa isa) {
     benchmark::ClobberMemory();
   }
   set_counters(state, k);
+}
+
+void bench_gemm_f32(benchmark::State& state, Case k, Isa isa) {
+  Operands ops(k);
+  const CaseThreads threads(k);
+  const auto call = [&] {
+    qlora::detail::gemm_f32(isa, k.op_a, k.op_b, k.M, k.N, k.K, 1.0f, ops.a.data(), ops.lda,
+                            ops.b.data(), ops.ldb, false, ops.c.data(), k.N);
+  };
+  time_checked(state, k, ops, call);
 }
 
 void bench_eigen(benchmark::State& state, Case k) {
@@ -178,20 +184,10 @@ void bench_eigen(benchmark::State& state, Case k) {
       c.noalias() = a * b;
     }
   };
-  call();
-  if (!ops.spot_check(k)) {
-    state.SkipWithError("result differs from the double-precision sum");
-    return;
-  }
-  for (auto _ : state) {
-    call();
-    benchmark::DoNotOptimize(ops.c.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, k);
+  time_checked(state, k, ops, call);
 }
 
-/// The same product through Eigen built for this machine (eigen_native.hpp).
+/// Times the same product through Eigen built for this machine (eigen_native.hpp).
 void bench_eigen_native(benchmark::State& state, Case k) {
   Operands ops(k);
   const CaseThreads threads(k);
@@ -201,17 +197,7 @@ void bench_eigen_native(benchmark::State& state, Case k) {
                                    k.K, ops.a.data(), ops.lda, ops.b.data(), ops.ldb,
                                    ops.c.data(), n_threads);
   };
-  call();
-  if (!ops.spot_check(k)) {
-    state.SkipWithError("result differs from the double-precision sum");
-    return;
-  }
-  for (auto _ : state) {
-    call();
-    benchmark::DoNotOptimize(ops.c.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, k);
+  time_checked(state, k, ops, call);
 }
 
 void bench_openblas(benchmark::State& state, Case k) {
@@ -224,17 +210,7 @@ void bench_openblas(benchmark::State& state, Case k) {
                 static_cast<int>(ops.lda), ops.b.data(), static_cast<int>(ops.ldb), 0.0f,
                 ops.c.data(), static_cast<int>(k.N));
   };
-  call();
-  if (!ops.spot_check(k)) {
-    state.SkipWithError("result differs from the double-precision sum");
-    return;
-  }
-  for (auto _ : state) {
-    call();
-    benchmark::DoNotOptimize(ops.c.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, k);
+  time_checked(state, k, ops, call);
 }
 
 void register_all() {
