@@ -1,9 +1,9 @@
 // Eigen's fp32 GEMM compiled for the build machine's own instruction set (-march=native), as the
 // fairest Eigen reference for the kernels, which pick AVX2 or AVX-512 at run time.
 //
-// It lives in its own shared library with hidden symbols: the Eigen templates instantiated there
-// with AVX-512 flags cannot replace, or be replaced by, the baseline x86-64 instantiations of
-// libqlora and of the benchmark programs, as they could if both were linked into one program.
+// It lives in its own shared library with hidden symbols. So the Eigen templates instantiated
+// there with AVX-512 flags cannot replace, or be replaced by, the baseline x86-64 instantiations
+// of libqlora and the benchmark programs, as they could if both were linked into one program.
 // Benchmarks only: a binary built with it runs on the machine that built it, or one like it.
 #pragma once
 

@@ -216,7 +216,7 @@ void QuantLoraLinear::forward(ConstRefRowMatrixF x, RefRowMatrixF y, bool accumu
   RowMatrixF y_dense(M, out_features());
   if (accumulate) y_dense = y;
   // A forward that keeps a cache is followed by backward, which differentiates the fp32
-  // product; without one it is inference, where small batches may use int8 activations.
+  // product. Without a cache it is inference, where small batches may use int8 activations.
   dequant_matmul(x_dense.data(), M, base_, y_dense.data(), accumulate,
                  cache != nullptr ? ActivationPrecision::fp32 : options.precision);
 
